@@ -1,0 +1,161 @@
+"""Adapters by name: validated host copies, pool residency, and per-step weight views.
+
+`adapter_id` (a name) maps to the `adapter_uid` of its current load; every load gets a fresh uid
+so a reload under the same name never sees state of the old weights. The host copy of each
+adapter is its packed blob (kernels.lora layout) in the model dtype, so making it resident is
+one copy into its pool pages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from engine.loader import ModelSpec, load_adapter
+from kernels.lora import GroupViews, LoRALayout, blob_views, lora_layout, pack_blob
+from memory import AdapterStore
+
+logger = logging.getLogger(__name__)
+
+
+class UnknownAdapterError(KeyError):
+    """A request named an adapter that is not registered (never served by the base model)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    uid: int
+    path: str
+    rank: int
+    alpha: float
+    scale: float
+    target_modules: tuple[str, ...]
+    num_bytes: int
+    num_pages: int
+
+
+@dataclass
+class _HostAdapter:
+    info: AdapterInfo
+    layout: LoRALayout
+    blob: torch.Tensor  # [layout.num_elems] model dtype, host memory
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        store: AdapterStore,
+        pool: torch.Tensor,
+        max_lora_rank: int,
+    ) -> None:
+        """`pool` is the unified pool tensor [num_pages, page_elems]."""
+        self.spec = spec
+        self.store = store
+        self.pool = pool
+        self.flat = pool.view(-1)
+        self.page_elems = pool.shape[1]
+        self.max_lora_rank = max_lora_rank
+        self.module_dims = {
+            m: spec.module_dims(m)
+            for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        }
+        self._uids = itertools.count(1)
+        self.by_name: dict[str, int] = {}
+        self.host: dict[int, _HostAdapter] = {}
+        self._views: dict[int, list[dict[str, GroupViews]]] = {}
+
+    def add(self, name: str, path: str, *, pinned: bool = False) -> AdapterInfo:
+        """Load, validate and register an adapter (host only until first use).
+
+        ValueError (AdapterError) with the reason if the files are bad or the name is taken;
+        nothing is registered then."""
+        if name in self.by_name:
+            raise ValueError(f"adapter '{name}': a loaded adapter already has this name")
+        weights = load_adapter(name, path, self.spec, self.max_lora_rank)
+        layout = lora_layout(
+            weights.rank, weights.target_modules, self.spec.num_layers, self.module_dims
+        )
+        num_pages = -(-layout.num_elems // self.page_elems)
+        if num_pages > self.store.pool.num_pages:
+            raise ValueError(
+                f"adapter '{name}': needs {num_pages} pool pages but the pool has only "
+                f"{self.store.pool.num_pages}; raise --pool-bytes"
+            )
+        blob = torch.empty(layout.num_elems, dtype=self.pool.dtype)
+        pack_blob(layout, weights.A, weights.B, blob)
+        if self.pool.is_cuda:
+            blob = blob.pin_memory()
+        uid = next(self._uids)
+        info = AdapterInfo(
+            name=name,
+            uid=uid,
+            path=str(path),
+            rank=weights.rank,
+            alpha=weights.alpha,
+            scale=weights.scale,
+            target_modules=weights.target_modules,
+            num_bytes=blob.numel() * blob.element_size(),
+            num_pages=num_pages,
+        )
+        self.store.register(uid, num_pages, payload=None)
+        self.host[uid] = _HostAdapter(info, layout, blob)
+        self.by_name[name] = uid
+        if pinned:
+            if self.store.pin(uid):
+                self.write(uid)
+        logger.info(
+            "adapter %s: rank %d, %d bytes, %d pages", name, info.rank, info.num_bytes, num_pages
+        )
+        return info
+
+    def remove(self, name: str) -> None:
+        """Forget an adapter and free its host and pool memory. RuntimeError while in use."""
+        uid = self.uid_of(name)
+        self.store.unregister(uid)
+        del self.by_name[name]
+        del self.host[uid]
+        self._views.pop(uid, None)
+
+    def uid_of(self, name: str) -> int:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise UnknownAdapterError(f"adapter '{name}' does not exist") from None
+
+    def info(self, uid: int) -> AdapterInfo:
+        return self.host[uid].info
+
+    def list(self) -> list[AdapterInfo]:
+        return [self.host[uid].info for uid in self.by_name.values()]
+
+    def write(self, uid: int) -> None:
+        """Copy the host blob into the adapter's (just allocated) pool pages."""
+        h = self.host[uid]
+        pages = self.store.pages(uid)
+        pe, n = self.page_elems, h.layout.num_elems
+        if self.store.is_contiguous(uid):
+            self.flat[pages[0] * pe : pages[0] * pe + n].copy_(h.blob, non_blocking=True)
+            self._views[uid] = blob_views(h.layout, self.flat[pages[0] * pe : pages[0] * pe + n])
+        else:
+            for i, page in enumerate(pages):
+                chunk = h.blob[i * pe : (i + 1) * pe]
+                self.pool[page, : chunk.numel()].copy_(chunk, non_blocking=True)
+            self._views.pop(uid, None)
+
+    def views(self, uid: int) -> list[dict[str, GroupViews]]:
+        """Per-layer weight views of a resident adapter. Contiguous pages: views straight into
+        the pool. Scattered pages: one gather into a contiguous copy (this step only)."""
+        cached = self._views.get(uid)
+        if cached is not None:
+            return cached
+        h = self.host[uid]
+        blob = self.pool[self.store.pages(uid)].reshape(-1)[: h.layout.num_elems]
+        return blob_views(h.layout, blob)

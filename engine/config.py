@@ -1,0 +1,58 @@
+"""`EngineConfig`: every engine option in one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("torch",)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Engine sizing and placement.
+
+    model: checkpoint directory, or None for the embedded demo model.
+    pool_bytes: size of the one unified page pool (KV cache + adapters); None = from free memory.
+    block_size: tokens per KV page (raised automatically when a page could not hold one
+        adapter row; see memory/pool.py).
+    max_model_len: longest prompt + output; None = the checkpoint's max_position_embeddings
+        capped at 8192.
+    starvation_steps: a waiting request older than this many steps is admitted before any
+        younger one (cold adapters are not starved by hot ones).
+    """
+
+    model: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    pool_bytes: int | None = None
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_lora_rank: int = 64
+    max_model_len: int | None = None
+    starvation_steps: int = 32
+    lora_backend: str = "torch"
+    attention_backend: str = "torch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not os.path.isdir(self.model):
+            raise ValueError(f"model directory {self.model!r} does not exist")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.pool_bytes is not None and self.pool_bytes <= 0:
+            raise ValueError(f"pool_bytes must be positive, got {self.pool_bytes}")
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "starvation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        for name in ("lora_backend", "attention_backend"):
+            if getattr(self, name) not in BACKENDS:
+                raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")

@@ -1,0 +1,132 @@
+"""Llama / Mistral / Qwen2 decoder over paged KV, with batched multi-adapter LoRA.
+
+Weights keep HF's meaning but are fused at load: qkv_proj = [q; k; v] (+ bias for Qwen2) and
+gate_up_proj = [gate; up], so each group is one base matmul and LoRA expands write into slices
+of it. The forward takes one flat batch of T tokens from many sequences (prefill chunks and
+decodes mixed) and an explicit `ForwardMeta`; nothing is global.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.layers import Rotary, apply_rotary, rms_norm
+from engine.loader import ModelSpec
+from kernels.attention import AttentionMeta, paged_attention, write_kv
+from kernels.lora import LoRABatchMeta, lora_apply_torch
+
+
+@dataclass
+class ForwardMeta:
+    """Everything one forward needs, built once per step by the runner."""
+
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attn: AttentionMeta
+    lora: LoRABatchMeta
+    sample_rows: torch.Tensor  # [S] token rows whose logits are sampled
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q_dim + 2 * kv_dim, hidden]
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor  # [hidden, q_dim]
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * inter, hidden]
+    down: torch.Tensor  # [hidden, inter]
+
+
+class Model:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        tensors: dict[str, torch.Tensor],
+        kv_pages: torch.Tensor,
+        block_size: int,
+        max_positions: int,
+    ) -> None:
+        """`kv_pages` is the unified pool viewed as [num_pages, page_elems]; KV pages are read
+        as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]."""
+        self.spec = spec
+        self.block_size = block_size
+        t = tensors
+        self.embed = t["model.embed_tokens.weight"]
+        self.norm = t["model.norm.weight"]
+        self.lm_head = self.embed if spec.tie_word_embeddings else t["lm_head.weight"]
+        self.layers: list[LayerWeights] = []
+        for i in range(spec.num_layers):
+            p = f"model.layers.{i}."
+            att = [t[f"{p}self_attn.{m}.weight"] for m in ("q_proj", "k_proj", "v_proj")]
+            bias = None
+            if spec.attention_bias:
+                bias = torch.cat(
+                    [t[f"{p}self_attn.{m}.bias"] for m in ("q_proj", "k_proj", "v_proj")]
+                )
+            mlp = [t[f"{p}mlp.{m}.weight"] for m in ("gate_proj", "up_proj")]
+            self.layers.append(
+                LayerWeights(
+                    input_norm=t[f"{p}input_layernorm.weight"],
+                    qkv=torch.cat(att).contiguous(),
+                    qkv_bias=bias,
+                    o=t[f"{p}self_attn.o_proj.weight"],
+                    post_norm=t[f"{p}post_attention_layernorm.weight"],
+                    gate_up=torch.cat(mlp).contiguous(),
+                    down=t[f"{p}mlp.down_proj.weight"],
+                )
+            )
+        self.rotary = Rotary(
+            spec.head_dim,
+            max_positions,
+            spec.rope_theta,
+            spec.rope_scaling,
+            self.embed.dtype,
+            self.embed.device,
+        )
+        cache = kv_pages.view(
+            kv_pages.shape[0], spec.num_layers, 2, block_size, spec.num_kv_heads, spec.head_dim
+        )
+        self.k_caches = [cache[:, i, 0] for i in range(spec.num_layers)]
+        self.v_caches = [cache[:, i, 1] for i in range(spec.num_layers)]
+        self.scale = spec.head_dim**-0.5
+
+    @torch.inference_mode()
+    def forward(self, meta: ForwardMeta) -> torch.Tensor:
+        """Run all layers for the batch's T tokens; return logits [S, vocab] (float32) of the
+        sampled rows. Writes the new tokens' K/V into their pages."""
+        spec = self.spec
+        q_dim, kv_dim, inter = spec.num_heads * spec.head_dim, spec.kv_dim, spec.intermediate_size
+        lora = meta.lora if meta.lora.has_lora else None
+        cos, sin = self.rotary.tables(meta.positions)
+        h = self.embed[meta.input_ids]  # [T, hidden]
+        for i, w in enumerate(self.layers):
+            x = rms_norm(h, w.input_norm, spec.rms_norm_eps)
+            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, q_dim + 2 kv_dim]
+            if lora:
+                lora_apply_torch(x, qkv, i, "qkv", lora)
+            q = qkv[:, :q_dim].view(-1, spec.num_heads, spec.head_dim)
+            k = qkv[:, q_dim : q_dim + kv_dim].view(-1, spec.num_kv_heads, spec.head_dim)
+            v = qkv[:, q_dim + kv_dim :].view(-1, spec.num_kv_heads, spec.head_dim)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
+            o = paged_attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
+            o = o.reshape(-1, q_dim)
+            attn_out = F.linear(o, w.o)
+            if lora:
+                lora_apply_torch(o, attn_out, i, "o", lora)
+            h = h + attn_out
+            x = rms_norm(h, w.post_norm, spec.rms_norm_eps)
+            gu = F.linear(x, w.gate_up)  # [T, 2 inter]
+            if lora:
+                lora_apply_torch(x, gu, i, "gate_up", lora)
+            a = F.silu(gu[:, :inter]) * gu[:, inter:]
+            mlp_out = F.linear(a, w.down)
+            if lora:
+                lora_apply_torch(a, mlp_out, i, "down", lora)
+            h = h + mlp_out
+        h = rms_norm(h[meta.sample_rows], self.norm, spec.rms_norm_eps)
+        return F.linear(h, self.lm_head).float()
