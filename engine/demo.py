@@ -162,8 +162,15 @@ def make_checkpoint(
     Weights are the model's default random init under `torch.manual_seed(seed)`.
     Returns `out_dir` as a string.
     """
-    from transformers import AutoTokenizer, LlamaConfig, MistralConfig, Qwen2Config
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     classes = {
         "llama": (LlamaConfig, LlamaForCausalLM),
@@ -276,6 +283,7 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, dict[str, str]]:
                     tmp / "adapters" / name, spec, rank=rank, alpha=2.0 * rank,
                     target_modules=targets, seed=seed, base_model_name_or_path="loraplex-demo",
                 )  # fmt: skip
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
             try:
                 os.rename(tmp, root)
                 logger.info("built demo model and %d adapters in %s", len(adapters), root)

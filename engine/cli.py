@@ -1,0 +1,152 @@
+"""`loraplex` command line: generate, bench throughput (serve comes with the server).
+
+Every command that runs the engine takes the same sizing options (`add_engine_args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from engine.config import BACKENDS, DTYPES, EngineConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", default=None, help="HF checkpoint dir (default: embedded demo)")
+    g.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a PEFT LoRA adapter directory, repeatable",
+    )
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    g.add_argument("--pool-bytes", type=int, default=None, help="unified pool size in bytes")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV page")
+    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    g.add_argument("--max-lora-rank", type=int, default=64)
+    g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--lora-backend", choices=BACKENDS, default="torch")
+    g.add_argument("--attention-backend", choices=BACKENDS, default="torch")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=args.model,
+        dtype=args.dtype,
+        device=args.device,
+        pool_bytes=args.pool_bytes,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_lora_rank=args.max_lora_rank,
+        max_model_len=args.max_model_len,
+        lora_backend=args.lora_backend,
+        attention_backend=args.attention_backend,
+    )
+
+
+def parse_adapters(items: list[str]) -> dict[str, str]:
+    adapters = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter expects NAME=DIR, got {item!r}")
+        if name in adapters:
+            raise ValueError(f"--adapter {name!r} given twice")
+        adapters[name] = path
+    return adapters
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from scheduler.sequence import SamplingParams
+
+    requests = []
+    with open(args.input) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+                params = SamplingParams(
+                    max_tokens=int(req.get("max_tokens", 16)),
+                    temperature=float(req.get("temperature", 1.0)),
+                    top_p=float(req.get("top_p", 1.0)),
+                    top_k=int(req.get("top_k", 0)),
+                    seed=req.get("seed"),
+                    ignore_eos=bool(req.get("ignore_eos", False)),
+                )
+                if not isinstance(req.get("prompt"), str | list):
+                    raise ValueError("'prompt' must be a string or a list of token ids")
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{args.input}:{lineno}: {e}") from None
+            requests.append((req["prompt"], params, req.get("adapter")))
+    llm = LLM(adapters=parse_adapters(args.adapter), **_config_kwargs(args))
+    outs = llm.generate(
+        [r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]
+    )
+    sink = open(args.output, "w") if args.output else sys.stdout
+    try:
+        for (prompt, _, adapter), out in zip(requests, outs, strict=True):
+            row = {
+                "prompt": prompt,
+                "adapter": adapter,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "logprobs": out.logprobs,
+                "finish_reason": out.finish_reason,
+            }
+            sink.write(json.dumps(row) + "\n")
+    finally:
+        if sink is not sys.stdout:
+            sink.close()
+    return 0
+
+
+def _config_kwargs(args: argparse.Namespace) -> dict:
+    cfg = engine_config(args)
+    return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loraplex", description="multi-LoRA LLM inference")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="offline generation from a JSONL file")
+    add_engine_args(gen)
+    gen.add_argument("--input", required=True, help="JSONL: prompt, adapter, max_tokens, ...")
+    gen.add_argument("--output", default=None, help="JSONL output (default: stdout)")
+    gen.set_defaults(func=cmd_generate)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    thr = bench_sub.add_parser("throughput", help="offline throughput, beside HF PEFT")
+    add_engine_args(thr)
+    from engine import bench as bench_mod
+
+    bench_mod.add_arguments(thr)
+    thr.set_defaults(func=bench_mod.throughput)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

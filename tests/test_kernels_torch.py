@@ -1,0 +1,168 @@
+"""The torch paths of kernels/ against their plain per-token references."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kernels.attention import (
+    attention_reference,
+    build_attention_meta,
+    paged_attention,
+    write_kv,
+)
+from kernels.lora import (
+    GROUPS,
+    LoRABatchMeta,
+    LoRASegment,
+    blob_views,
+    lora_apply_torch,
+    lora_layout,
+    lora_reference,
+    pack_blob,
+)
+
+HIDDEN, Q_DIM, KV_DIM, INTER, LAYERS = 32, 32, 16, 48, 2
+DIMS = {
+    "q_proj": (HIDDEN, Q_DIM),
+    "k_proj": (HIDDEN, KV_DIM),
+    "v_proj": (HIDDEN, KV_DIM),
+    "o_proj": (Q_DIM, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
+}
+ALL = tuple(DIMS)
+
+
+def _adapter(rank, targets, gen):
+    A = {
+        (l, m): torch.randn(rank, DIMS[m][0], generator=gen) for l in range(LAYERS) for m in targets
+    }
+    B = {
+        (l, m): torch.randn(DIMS[m][1], rank, generator=gen) for l in range(LAYERS) for m in targets
+    }
+    return A, B
+
+
+def test_layout_is_proportional_to_rank_and_covers_blob():
+    lay8 = lora_layout(8, ALL, LAYERS, DIMS)
+    lay16 = lora_layout(16, ALL, LAYERS, DIMS)
+    per_rank = sum(i + o for i, o in DIMS.values()) * LAYERS
+    assert lay8.num_elems == 8 * per_rank
+    assert lay16.num_elems == 2 * lay8.num_elems
+    qv = lora_layout(4, ("q_proj", "v_proj"), LAYERS, DIMS)
+    assert qv.num_elems == 4 * LAYERS * (HIDDEN + Q_DIM + HIDDEN + KV_DIM)
+    assert set(qv.layers[0]) == {"qkv"}
+    assert qv.layers[0]["qkv"].out_slices == ((0, Q_DIM), (Q_DIM + KV_DIM, Q_DIM + 2 * KV_DIM))
+    with pytest.raises(ValueError, match="lm_head"):
+        lora_layout(4, ("lm_head",), LAYERS, DIMS)
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("num_adapters", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segmented_lora_matches_reference(rank, num_adapters, dtype):
+    gen = torch.Generator().manual_seed(rank * 100 + num_adapters)
+    rng = random.Random(rank + num_adapters)
+    adapters, segments, token_adapter = [], [], []
+    row = 0
+    n_base = 3
+    token_adapter += [-1] * n_base  # base-only rows first, as the runner orders them
+    row = n_base
+    for idx in range(num_adapters):
+        r = rank if idx % 2 == 0 else max(1, rank // 2 + idx % 3)  # mixed ranks
+        targets = ALL if idx % 3 else ("q_proj", "v_proj", "down_proj")
+        A, B = _adapter(r, targets, gen)
+        layout = lora_layout(r, targets, LAYERS, DIMS)
+        blob = torch.empty(layout.num_elems, dtype=dtype)
+        pack_blob(layout, A, B, blob)
+        scale = 0.5 + idx / 10
+        n = rng.randint(1, 5)
+        segments.append(LoRASegment(row, row + n, idx, r, scale, blob_views(layout, blob)))
+        adapters.append((A, B, scale, targets))
+        token_adapter += [idx] * n
+        row += n
+    meta = LoRABatchMeta(segments)
+    T = row
+    for layer in range(LAYERS):
+        for group, mods in GROUPS.items():
+            in_dim = DIMS[mods[0]][0]
+            out_dims = [DIMS[m][1] for m in mods]
+            x = torch.randn(T, in_dim, generator=gen).to(dtype)
+            y0 = torch.randn(T, sum(out_dims), generator=gen).to(dtype)
+            y = y0.clone()
+            lora_apply_torch(x, y, layer, group, meta)
+            lo = 0
+            for m, out in zip(mods, out_dims, strict=True):
+                As = [a[0].get((layer, m), torch.zeros(1, in_dim)) for a in adapters]
+                Bs = [a[1].get((layer, m), torch.zeros(out, 1)) for a in adapters]
+                scales = [a[2] for a in adapters]
+                ref = y0[:, lo : lo + out].float() + lora_reference(
+                    x.to(dtype).float(),
+                    token_adapter,
+                    [a.to(dtype) for a in As],
+                    [b.to(dtype) for b in Bs],
+                    scales,
+                )
+                got = y[:, lo : lo + out].float()
+                tol = 1e-4 if dtype == torch.float32 else 0.05 * max(1.0, ref.abs().max().item())
+                torch.testing.assert_close(
+                    got, ref, atol=tol, rtol=1e-2 if dtype != torch.float32 else 1e-5
+                )
+                lo += out
+            # base-only rows are never touched: exact equality
+            assert torch.equal(y[:n_base], y0[:n_base])
+
+
+def test_no_adapter_batch_has_no_lora():
+    assert not LoRABatchMeta([]).has_lora
+
+
+def _paged_case(seqs, block_size, num_pages, kv_heads, heads, hd, gen):
+    """Scatter each sequence's K/V into shuffled (non-contiguous) pages."""
+    k_cache = torch.zeros(num_pages, block_size, kv_heads, hd)
+    v_cache = torch.zeros_like(k_cache)
+    free = list(range(1, num_pages))  # page 0 left unused: padding must not matter
+    random.Random(0).shuffle(free)
+    tables, full_k, full_v = [], [], []
+    for ctx, _ in seqs:
+        nb = -(-ctx // block_size)
+        tables.append([free.pop() for _ in range(nb)])
+        full_k.append(torch.randn(ctx, kv_heads, hd, generator=gen))
+        full_v.append(torch.randn(ctx, kv_heads, hd, generator=gen))
+    return k_cache, v_cache, tables, full_k, full_v
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
+def test_paged_attention_matches_dense_reference(heads, kv_heads):
+    gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
+    hd, block_size = 8, 4
+    seqs = [(9, 1), (1, 1), (13, 5), (6, 6), (17, 1), (4, 3)]  # (context length, query length)
+    k_cache, v_cache, tables, full_k, full_v = _paged_case(
+        seqs, block_size, 40, kv_heads, heads, hd, gen
+    )
+    # Pre-fill the cached context (positions before this step's queries).
+    for (ctx, q_len), table, k, v in zip(seqs, tables, full_k, full_v, strict=True):
+        for pos in range(ctx - q_len):
+            k_cache[table[pos // block_size], pos % block_size] = k[pos]
+            v_cache[table[pos // block_size], pos % block_size] = v[pos]
+    meta = build_attention_meta(
+        [q for _, q in seqs], [c for c, _ in seqs], tables, block_size, "cpu"
+    )
+    new_k = torch.cat([k[c - q :] for (c, q), k in zip(seqs, full_k, strict=True)])
+    new_v = torch.cat([v[c - q :] for (c, q), v in zip(seqs, full_v, strict=True)])
+    write_kv(k_cache, v_cache, new_k, new_v, meta)
+    q = torch.randn(sum(q for _, q in seqs), heads, hd, generator=gen)
+    out = paged_attention(q, k_cache, v_cache, meta, hd**-0.5)
+    row = 0
+    for (ctx, q_len), k, v in zip(seqs, full_k, full_v, strict=True):
+        ref = attention_reference(q[row : row + q_len], k, v, hd**-0.5)
+        torch.testing.assert_close(out[row : row + q_len], ref, atol=1e-5, rtol=1e-5)
+        row += q_len
+    # write_kv placed every new token where the block table says
+    for (ctx, q_len), table, k in zip(seqs, tables, full_k, strict=True):
+        for pos in range(ctx):
+            assert torch.equal(k_cache[table[pos // block_size], pos % block_size], k[pos])
