@@ -7,6 +7,7 @@ single-threaded; a server drives `step()` from its own thread.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 from pathlib import Path
 
@@ -69,7 +70,7 @@ class Engine:
                 f"({kv_pages_one * page_bytes} bytes) plus its adapter: raise --pool-bytes or "
                 f"lower --max-model-len"
             )
-        self.pool_tensor = torch.zeros(num_pages, page_elems, dtype=self.dtype, device=self.device)
+        self.pool_tensor = _zeroed_pool(num_pages, page_elems, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.page_bytes = page_bytes
         self.kv = KVCacheManager(self.pool, config.block_size)
@@ -192,6 +193,20 @@ class Engine:
                 f"KV pages held by sequences that are not running: "
                 f"{sorted(set(self.kv.seq_ids()) - running)}"
             )
+
+
+def _zeroed_pool(
+    num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """The pool tensor [num_pages, page_elems], all zeros (padding slots of the KV cache are read
+    before being masked, so they must never hold NaN). On the CPU it is backed by an anonymous
+    mmap: the kernel hands out zero pages on first touch, so a large pool costs nothing until
+    used (torch.zeros would write every byte at start)."""
+    if device.type != "cpu":
+        return torch.zeros(num_pages, page_elems, dtype=dtype, device=device)
+    nbytes = num_pages * page_elems * torch.finfo(dtype).bits // 8
+    buf = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(buf, dtype=dtype).view(num_pages, page_elems)
 
 
 def _load_tokenizer(model_dir: str):

@@ -16,6 +16,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from safetensors import safe_open
@@ -169,7 +170,7 @@ def load_model_spec(model_dir) -> ModelSpec:
         raise ValueError(f"config.json: hidden_size={hidden} not divisible by {heads} heads")
     head_dim = _pos_int(cfg, "head_dim", hidden // heads)
     theta, scaling = _rope(cfg)
-    qwen2 = arch == "Qwen2ForCausalLM"
+    qwen2, llama = arch == "Qwen2ForCausalLM", arch == "LlamaForCausalLM"
     sliding = cfg.get("sliding_window")
     if qwen2 and not cfg.get("use_sliding_window", False):
         sliding = None
@@ -187,14 +188,14 @@ def load_model_spec(model_dir) -> ModelSpec:
         rope_theta=theta,
         rope_scaling=scaling,
         max_position_embeddings=_pos_int(cfg, "max_position_embeddings", 2048),
-        attention_bias=True if qwen2 else bool(cfg.get("attention_bias", False)),
+        attention_bias=qwen2 or (llama and bool(cfg.get("attention_bias", False))),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         eos_token_ids=tuple(
             dict.fromkeys(_ids(gen.get("eos_token_id")) + _ids(cfg.get("eos_token_id")))
         ),
         bos_token_id=None if bos is None else int(bos),
         sliding_window=None if sliding is None else int(sliding),
-        mlp_bias=arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias", False)),
+        mlp_bias=llama and bool(cfg.get("mlp_bias", False)),
     )
 
 
@@ -410,7 +411,12 @@ def _check_config(cfg: dict, spec: ModelSpec, max_lora_rank: int, fail) -> tuple
         fail(f"lora_alpha must be a finite number, got {alpha!r}")
     ltt = cfg.get("layers_to_transform")
     if ltt is not None:
-        layers = {ltt} if isinstance(ltt, int) else set(ltt)
+        layers = {ltt} if isinstance(ltt, int) else ltt
+        if not isinstance(layers, (list, set)) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in layers
+        ):
+            fail(f"layers_to_transform must be an int or a list of ints, got {ltt!r}")
+        layers = set(layers)
         bad = sorted(i for i in layers if not 0 <= i < spec.num_layers)
         if bad:
             fail(f"layers_to_transform has layers {bad} outside 0..{spec.num_layers - 1}")
@@ -429,7 +435,7 @@ def load_adapter(name: str, adapter_dir, spec: ModelSpec, max_lora_rank: int) ->
     shapes are checked from the header before any tensor data is read.
     """
 
-    def fail(reason: str):
+    def fail(reason: str) -> NoReturn:
         raise AdapterError(name, reason)
 
     d = Path(adapter_dir)

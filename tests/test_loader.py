@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -92,7 +93,12 @@ LLAMA3 = {
 def test_spec_llama3_rope_parameters(tmp_path):
     d = _write_config(tmp_path, LLAMA3, {"eos_token_id": [128001, 128008, 128009]})
     s = load_model_spec(d)
-    assert (s.architecture, s.head_dim, s.kv_dim, s.num_layers) == ("LlamaForCausalLM", 128, 1024, 32)
+    assert (s.architecture, s.head_dim, s.kv_dim, s.num_layers) == (
+        "LlamaForCausalLM",
+        128,
+        1024,
+        32,
+    )
     assert s.rope_theta == 500000.0
     assert s.rope_scaling == {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -254,7 +260,7 @@ REJECT = {
     "missing-dir": (lambda d: shutil.rmtree(d), "directory not found"),
     "missing-config": (lambda d: (d / "adapter_config.json").unlink(), "adapter_config.json not"),
     "missing-weights": (
-        lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors not found"),
+        lambda d: (d / "adapter_model.safetensors").unlink(), "adapter_model.safetensors not"),
     "pickle-only": (_pickle_only, "only safetensors weights are accepted"),
     "bad-json": (lambda d: (d / "adapter_config.json").write_text("{"), "not valid JSON"),
     "corrupt-weights": (
@@ -280,11 +286,13 @@ REJECT = {
         "partial layer coverage is not supported: q_proj has LoRA tensors for layers 0, 2 but "
         "not 1"),
     "tensor-layer-oob": (
-        _tensors(lambda sd: sd.update({f"{P}.5.self_attn.q_proj.lora_A.weight": torch.ones(4, 64)})),
+        _tensors(lambda sd: sd.update({f"{P}.5.mlp.up_proj.lora_A.weight": torch.ones(4, 64)})),
         "is for layer 5 >= num_layers=3"),
-    "rank-too-big": (_cfg(r=128), "rank 128 is out of range: must be between 1 and max_lora_rank=64"),
+    "rank-too-big": (_cfg(r=128), "rank 128 is out of range: must be between 1 and max_lora_rank=64"
+                     ),
     "rank-zero": (_cfg(r=0), "rank 0 is out of range"),
-    "rank-vs-tensors": (_cfg(r=8), f"tensor {Q0}.lora_A.weight has shape [4, 64], expected [8, 64]"),
+    "rank-vs-tensors": (
+        _cfg(r=8), f"tensor {Q0}.lora_A.weight has shape [4, 64], expected [8, 64]"),
     "shape": (
         _tensors(lambda sd: sd.update({f"{Q0}.lora_B.weight": torch.ones(65, 4)})),
         f"tensor {Q0}.lora_B.weight has shape [65, 4], expected [64, 4]"),
@@ -306,7 +314,11 @@ REJECT = {
 @pytest.mark.parametrize("case", sorted(REJECT))
 def test_adapter_rejected(llama, tmp_path, case):
     _, spec = llama
-    d = Path(make_adapter(tmp_path / "ad", spec, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0))
+    d = Path(
+        make_adapter(
+            tmp_path / "ad", spec, rank=4, alpha=8, target_modules=["q_proj", "v_proj"], seed=0
+        )
+    )
     mutate, reason = REJECT[case]
     mutate(d)
     with pytest.raises(AdapterError) as e:
@@ -318,10 +330,10 @@ PEFT_REJECT = {
     "dora": (dict(target_modules=["q_proj"], use_dora=True), "DoRA"),
     "lm-head": (dict(target_modules=["q_proj", "lm_head"]), "'lm_head' is not supported"),
     "embed": (dict(target_modules=["q_proj", "embed_tokens"]), "'embed_tokens' is not supported"),
-    "save-lm-head": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_save"),
+    "save-lm-head": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "modules_to_"),
     "bias-all": (dict(target_modules=["q_proj"], bias="all"), "bias='all' with bias tensors"),
     "lora-only": (dict(target_modules=["v_proj"], bias="lora_only"), "bias='lora_only' with bias"),
-    "layers": (dict(target_modules=["q_proj"], layers_to_transform=[2]), "covers layers 2 but not 0-1"),
+    "layers": (dict(target_modules=["q_proj"], layers_to_transform=[2]), "layers 2 but not 0-1"),
     "rank": (dict(target_modules=["q_proj"], r=32), "rank 32 is out of range"),
 }  # fmt: skip
 
@@ -331,7 +343,7 @@ def test_peft_written_adapter_rejected(qwen2, tmp_path, case):
     d, spec = qwen2
     kwargs, reason = PEFT_REJECT[case]
     out = _peft_adapter(d, tmp_path, **({"r": 4} | kwargs))
-    with pytest.raises(AdapterError, match=f"^adapter 'p': .*{reason}".replace("(", r"\(")):
+    with pytest.raises(AdapterError, match=f"^adapter 'p': .*{re.escape(reason)}"):
         load_adapter("p", out, spec, max_lora_rank=16)
 
 
@@ -339,7 +351,9 @@ def test_peft_written_adapter_rejected(qwen2, tmp_path, case):
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_demo_is_deterministic_atomic_and_loadable(tmp_path, monkeypatch):
