@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from engine.loader import MODULES, ModelSpec, module_path
+from engine.loader import MODULES, ModelSpec, load_model_spec, module_path
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +155,13 @@ def make_checkpoint(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     tie_word_embeddings: bool = False,
+    initializer_range: float = 0.08,
 ) -> str:
     """Write a real HF checkpoint (config.json, model.safetensors) plus tokenizer into `out_dir`.
 
     `family` is "llama", "mistral" or "qwen2"; `vocab_size` defaults to the tokenizer's size.
-    Weights are the model's default random init under `torch.manual_seed(seed)`.
+    Weights are the model's random init under `torch.manual_seed(seed)` with std
+    `initializer_range` (0.08 rather than HF's 0.02, so greedy output does not loop at once).
     Returns `out_dir` as a string.
     """
     from transformers import (
@@ -193,6 +195,7 @@ def make_checkpoint(
         num_key_value_heads=num_kv_heads,
         max_position_embeddings=2048,
         tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
@@ -267,8 +270,6 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, dict[str, str]]:
     `<cache>/demo-v1`. It is built in a temporary sibling directory and renamed into place, so
     a crash never leaves a half-made demo; if another process wins the race, its copy is used.
     """
-    from engine.loader import load_model_spec
-
     cache = Path(cache_dir or os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex")
     root = cache / DEMO_VERSION
     adapters = {name: str(root / "adapters" / name) for name in DEMO_ADAPTERS}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.layers import Rotary, apply_rotary, rms_norm
-from engine.loader import ModelSpec
+from engine.loader import ModelSpec, module_path
 from kernels.attention import AttentionMeta, paged_attention, write_kv
 from kernels.lora import LoRABatchMeta, lora_apply_torch
 
@@ -36,9 +36,12 @@ class LayerWeights:
     qkv: torch.Tensor  # [q_dim + 2 * kv_dim, hidden]
     qkv_bias: torch.Tensor | None
     o: torch.Tensor  # [hidden, q_dim]
+    o_bias: torch.Tensor | None
     post_norm: torch.Tensor
     gate_up: torch.Tensor  # [2 * inter, hidden]
+    gate_up_bias: torch.Tensor | None
     down: torch.Tensor  # [hidden, inter]
+    down_bias: torch.Tensor | None
 
 
 class Model:
@@ -62,21 +65,26 @@ class Model:
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
             att = [t[f"{p}self_attn.{m}.weight"] for m in ("q_proj", "k_proj", "v_proj")]
-            bias = None
-            if spec.attention_bias:
-                bias = torch.cat(
-                    [t[f"{p}self_attn.{m}.bias"] for m in ("q_proj", "k_proj", "v_proj")]
-                )
             mlp = [t[f"{p}mlp.{m}.weight"] for m in ("gate_proj", "up_proj")]
+
+            def bias(*modules: str, i: int = i) -> torch.Tensor | None:
+                """Concatenated biases of `modules` (all or none have one, per the spec)."""
+                if modules[0] not in spec.bias_modules:
+                    return None
+                return torch.cat([t[f"{module_path(i, m)}.bias"] for m in modules])
+
             self.layers.append(
                 LayerWeights(
                     input_norm=t[f"{p}input_layernorm.weight"],
                     qkv=torch.cat(att).contiguous(),
-                    qkv_bias=bias,
+                    qkv_bias=bias("q_proj", "k_proj", "v_proj"),
                     o=t[f"{p}self_attn.o_proj.weight"],
+                    o_bias=bias("o_proj"),
                     post_norm=t[f"{p}post_attention_layernorm.weight"],
                     gate_up=torch.cat(mlp).contiguous(),
+                    gate_up_bias=bias("gate_proj", "up_proj"),
                     down=t[f"{p}mlp.down_proj.weight"],
+                    down_bias=bias("down_proj"),
                 )
             )
         self.rotary = Rotary(
@@ -115,16 +123,16 @@ class Model:
             write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
             o = paged_attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
             o = o.reshape(-1, q_dim)
-            attn_out = F.linear(o, w.o)
+            attn_out = F.linear(o, w.o, w.o_bias)
             if lora:
                 lora_apply_torch(o, attn_out, i, "o", lora)
             h = h + attn_out
             x = rms_norm(h, w.post_norm, spec.rms_norm_eps)
-            gu = F.linear(x, w.gate_up)  # [T, 2 inter]
+            gu = F.linear(x, w.gate_up, w.gate_up_bias)  # [T, 2 inter]
             if lora:
                 lora_apply_torch(x, gu, i, "gate_up", lora)
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
-            mlp_out = F.linear(a, w.down)
+            mlp_out = F.linear(a, w.down, w.down_bias)
             if lora:
                 lora_apply_torch(a, mlp_out, i, "down", lora)
             h = h + mlp_out

@@ -384,3 +384,15 @@ def test_demo_is_deterministic_atomic_and_loadable(tmp_path, monkeypatch):
     chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     text = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     assert text == "<s><|system|>\nBe brief.\n<|user|>\nHi\n<|assistant|>\n"
+
+
+def test_demo_crash_leaves_nothing_behind(tmp_path, monkeypatch):
+    import engine.demo
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(engine.demo, "make_adapter", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        ensure_demo(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []  # neither a half-made demo-v1 nor a temp dir
