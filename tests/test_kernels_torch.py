@@ -158,11 +158,11 @@ def test_paged_attention_matches_dense_reference(heads, kv_heads):
     q = torch.randn(sum(q for _, q in seqs), heads, hd, generator=gen)
     out = paged_attention(q, k_cache, v_cache, meta, hd**-0.5)
     row = 0
-    for (ctx, q_len), k, v in zip(seqs, full_k, full_v, strict=True):
+    for (_ctx, q_len), k, v in zip(seqs, full_k, full_v, strict=True):
         ref = attention_reference(q[row : row + q_len], k, v, hd**-0.5)
         torch.testing.assert_close(out[row : row + q_len], ref, atol=1e-5, rtol=1e-5)
         row += q_len
     # write_kv placed every new token where the block table says
-    for (ctx, q_len), table, k in zip(seqs, tables, full_k, strict=True):
+    for (ctx, _q_len), table, k in zip(seqs, tables, full_k, strict=True):
         for pos in range(ctx):
             assert torch.equal(k_cache[table[pos // block_size], pos % block_size], k[pos])

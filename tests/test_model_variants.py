@@ -4,7 +4,6 @@ legacy rope keys, and a bfloat16 run that must stay close to float32."""
 from __future__ import annotations
 
 import pytest
-import torch
 from fixtures import ALL_MODULES, hf_reference_greedy, make_peft_adapter, make_tiny_model
 
 from engine import LLM, SamplingParams
