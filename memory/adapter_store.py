@@ -177,6 +177,14 @@ class AdapterStore:
                 total += e.num_pages
         return total
 
+    def pinned_pages(self, exclude: int | None = None) -> int:
+        """Pages held by pinned adapters other than ``exclude``: never available to anyone else."""
+        return sum(
+            e.num_pages
+            for uid, e in self._entries.items()
+            if uid != exclude and e.pinned and e.pages is not None
+        )
+
     def make_room(self, n_free: int, exclude: int | None = None) -> bool:
         """Evict idle unpinned adapters (not ``exclude``) in LRU order until
         ``pool.num_free >= n_free``. Returns success; evicts nothing if ``n_free`` is out of

@@ -66,10 +66,12 @@ class Batcher:
                 f"context allows at most {self.cfg.max_model_len - 1} before generating"
             )
         need = self.pages_needed(seq)
-        if need > self.pool.num_pages:
+        usable = self.pool.num_pages - self.store.pinned_pages(exclude=seq.adapter_uid)
+        if need > usable:
             raise ValueError(
                 f"request {seq.request_id!r} needs {need} pool pages (KV + adapter) but the pool "
-                f"has only {self.pool.num_pages}; lower max_tokens or raise --pool-bytes"
+                f"has only {usable} not held by pinned adapters (of {self.pool.num_pages}); "
+                f"lower max_tokens or raise --pool-bytes"
             )
         seq.arrival_step = self.step_no
         seq.status = SequenceStatus.WAITING
@@ -180,7 +182,13 @@ class Batcher:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        # Back into the queue by arrival, so the head is always the oldest waiting request
+        # (the starvation guard looks only at the head).
+        pos = next(
+            (i for i, w in enumerate(self.waiting) if w.seq_id > seq.seq_id),
+            len(self.waiting),
+        )
+        self.waiting.insert(pos, seq)
         logger.debug("preempted %s (%d tokens) by recompute", seq.request_id, len(seq))
 
     def _release(self, seq: Sequence) -> None:

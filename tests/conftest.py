@@ -13,6 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+# The tiny test models gain nothing from a second thread, and torch's worker threads slow down
+# badly when other processes compete for the cores: one thread keeps suite times stable.
+torch.set_num_threads(1)
+
 # transformers/peft are imported lazily (inside the fixtures): importing them costs seconds,
 # which test files that never use these fixtures should not pay.
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
