@@ -6,7 +6,9 @@ p of a sequence lives at (block_table[p // block_size], p % block_size).
 
 A step's sequences are split into at most two groups (decodes: one query each; prefill chunks:
 several), each computed with one padded scaled-dot-product call. All index and mask tensors are
-built once per step (`build_attention_meta`) and reused by every layer.
+built once per step (`build_attention_meta`) and reused by every layer. The same metadata also
+carries what the Triton kernels (kernels/attention_triton.py) read: block tables, lengths and
+the list of query tiles.
 """
 
 from __future__ import annotations
@@ -38,9 +40,35 @@ class AttnGroup:
 
 @dataclass
 class AttentionMeta:
+    """Per-step attention metadata. The torch path reads `slot_*` and `groups`; the Triton path
+    reads `slot_*` and the fields below (defaults: not built). Device tensors are int32 but
+    `slot_*` (int64):
+      block_tables [S, max_blocks] (padded with 0), context_lens / query_lens [S],
+      query_starts [S + 1] (first token row of each sequence, then T),
+      work_seq / work_qstart [W]: the query tiles, tile w = queries work_qstart[w] ...
+          + q_tile - 1 (clipped to the sequence) of sequence work_seq[w]; decodes are one tile.
+    Host ints: max_query_len, max_context_len, q_tile (queries per tile).
+    """
+
     slot_pages: torch.Tensor  # [T] page of each new token's K/V
     slot_offsets: torch.Tensor  # [T] slot inside that page
     groups: list[AttnGroup]
+    block_tables: torch.Tensor | None = None
+    context_lens: torch.Tensor | None = None
+    query_lens: torch.Tensor | None = None
+    query_starts: torch.Tensor | None = None
+    work_seq: torch.Tensor | None = None
+    work_qstart: torch.Tensor | None = None
+    max_query_len: int = 0
+    max_context_len: int = 0
+    q_tile: int = 1
+
+
+def triton_q_tile(num_heads: int, num_kv_heads: int, rows: int = 64) -> int:
+    """Queries per Triton attention tile so that a tile holds about `rows` (query, head) rows
+    of one KV head's group (a power of two, >= 1). Pass it to build_attention_meta."""
+    tile = max(1, rows // max(1, num_heads // num_kv_heads))
+    return 1 << (tile.bit_length() - 1)
 
 
 def build_attention_meta(
@@ -49,9 +77,15 @@ def build_attention_meta(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device | str,
+    *,
+    q_tile: int = 16,
+    torch_groups: bool = True,
 ) -> AttentionMeta:
     """Per-step metadata. Sequence i contributes `query_lens[i]` consecutive token rows (in
-    order) whose positions are `context_lens[i] - query_lens[i] ... context_lens[i] - 1`."""
+    order) whose positions are `context_lens[i] - query_lens[i] ... context_lens[i] - 1`.
+
+    `q_tile`: queries per Triton tile (`triton_q_tile`); `torch_groups=False` skips the padded
+    index/mask tensors that only the torch path reads (`groups` is then empty)."""
     slot_pages, slot_offsets = [], []
     starts = []
     row = 0
@@ -63,8 +97,12 @@ def build_attention_meta(
             slot_offsets.append(pos % block_size)
     groups = []
     for members in (
-        [i for i, q in enumerate(query_lens) if q == 1],
-        [i for i, q in enumerate(query_lens) if q > 1],
+        ()
+        if not torch_groups
+        else (
+            [i for i, q in enumerate(query_lens) if q == 1],
+            [i for i, q in enumerate(query_lens) if q > 1],
+        )
     ):
         if members:
             groups.append(
@@ -74,9 +112,48 @@ def build_attention_meta(
     for g in groups:
         for name in ("q_index", "valid", "out_rows", "key_pages", "key_offsets", "mask"):
             setattr(g, name, getattr(g, name).to(device))
-    return AttentionMeta(
+    meta = AttentionMeta(
         torch.tensor(slot_pages, **as_long), torch.tensor(slot_offsets, **as_long), groups
     )
+    _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_tile, device)
+    return meta
+
+
+def _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_tile, device):
+    S = len(query_lens)
+    max_q = max(query_lens, default=0)
+    tile = max(1, min(q_tile, max_q))
+    work_seq, work_q = [], []
+    for i, q_len in enumerate(query_lens):
+        for q0 in range(0, q_len, tile):
+            work_seq.append(i)
+            work_q.append(q0)
+    width = max(1, max((len(t) for t in block_tables), default=0))
+    flat: list[int] = []
+    for t in block_tables:
+        flat.extend(t)
+        flat.extend([0] * (width - len(t)))
+    tables = torch.tensor(flat, dtype=torch.int32).view(S, width)
+    host = [
+        tables,
+        torch.tensor(context_lens, dtype=torch.int32),
+        torch.tensor(query_lens, dtype=torch.int32),
+        torch.tensor(starts + [sum(query_lens)], dtype=torch.int32),
+        torch.tensor(work_seq, dtype=torch.int32),
+        torch.tensor(work_q, dtype=torch.int32),
+    ]
+    packed = torch.cat([t.reshape(-1) for t in host]).to(device, non_blocking=True)
+    pos = 0
+    for name, t in zip(
+        ("block_tables", "context_lens", "query_lens", "query_starts", "work_seq", "work_qstart"),
+        host,
+        strict=True,
+    ):
+        setattr(meta, name, packed[pos : pos + t.numel()].view(t.shape))
+        pos += t.numel()
+    meta.max_query_len = max_q
+    meta.max_context_len = max(context_lens, default=0)
+    meta.q_tile = tile
 
 
 def _build_group(members, starts, query_lens, context_lens, block_tables, block_size) -> AttnGroup:

@@ -12,6 +12,9 @@ for each layer, for each module group (in `GROUPS` order) that the adapter targe
 so a group's shrink is one matmul and each expand writes straight into its slice of the fused
 base output. Total elements = r * sum_m (in_m + out_m) * num_layers: proportional to the true
 rank, no padding.
+
+The Triton path (kernels/lora_triton.py) reads the same blobs in place through each adapter's
+page table; its per-step metadata is `TritonLoRAMeta` (`build_triton_lora_meta`).
 """
 
 from __future__ import annotations
@@ -182,6 +185,7 @@ class TritonLoRAMeta:
       group_cols [A, 4]: shrink width n_targeted * rank of each group (0 = not targeted).
       out_slices [4, MAX_SLOTS, 2]: (lo, width) of slot s in the group's fused output; width 0
           where no adapter of the batch targets the slot.
+    pool: the unified pool, flat [num_pages * page_elems] view (the weights are read from it).
     Host ints size the launch grids without a device sync.
     """
 
@@ -195,6 +199,7 @@ class TritonLoRAMeta:
     slot_cols: torch.Tensor
     group_cols: torch.Tensor
     out_slices: torch.Tensor
+    pool: torch.Tensor
     num_chunks: int
     chunk: int
     page_elems: int
@@ -209,16 +214,22 @@ def build_triton_lora_meta(
     num_layers: int,
     page_elems: int,
     device: torch.device | str,
+    *,
+    pool: torch.Tensor,
     chunk: int = 16,
 ) -> TritonLoRAMeta:
     """Build the Triton LoRA metadata of one step (host work O(adapters + pages + chunks)).
 
     segments: (row_start, row_end, adapter_idx) of rows using adapters[adapter_idx], disjoint.
     adapters: (rank, scale, layout, pages) per batch slot; `pages` are the adapter's pool pages
-    in blob order (any order of page ids). `chunk` (a power of two >= 16) is the kernels'
+    in blob order (any order of page ids). `pool` is the unified pool ([num_pages, page_elems]
+    or flat) on `device`, in the model dtype. `chunk` (a power of two >= 16) is the kernels'
     BLOCK_M: longer segments are cut into chunks of at most `chunk` rows. All device tensors
     travel in one host-to-device copy.
     """
+    flat = pool.view(-1)
+    if pool.dim() == 2 and pool.shape[1] != page_elems:
+        raise ValueError(f"pool pages hold {pool.shape[1]} elements, not {page_elems}")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     A, G, S = len(adapters), len(GROUPS), MAX_SLOTS
@@ -280,6 +291,7 @@ def build_triton_lora_meta(
     views[4] = views[4].view(torch.float32)
     return TritonLoRAMeta(
         *views,
+        pool=flat,
         num_chunks=len(starts),
         chunk=chunk,
         page_elems=page_elems,

@@ -19,16 +19,27 @@ from __future__ import annotations
 PROMPT_CONTEXT = 5  # prompt tokens decoded as left context (SentencePiece leading spaces)
 
 
+def fast_decoder(tokenizer):
+    """`decode(ids) -> str` skipping special tokens. For HF fast tokenizers that do not clean
+    up spaces, the Rust backend is called directly (the Python wrapper costs ~4x more per call);
+    otherwise `tokenizer.decode` (same text either way)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int]) -> None:
-        self._tok = tokenizer
+    def __init__(self, tokenizer, prompt_ids: list[int], decode=None) -> None:
+        """`decode`: a `fast_decoder(tokenizer)` to share between streams (built if None)."""
+        self._decode_ids = decode or fast_decoder(tokenizer)
         self._ids = list(prompt_ids[-PROMPT_CONTEXT:])
         self._prefix = 0  # window start: text before it has been released
         self._read = len(self._ids)  # tokens up to here are released
         self._prefix_text = self._decode(self._ids[self._prefix : self._read])
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=True) if ids else ""
+        return self._decode_ids(ids) if ids else ""
 
     def push(self, ids: list[int]) -> str:
         """Append generated token ids; return the newly completed text ("" if none yet)."""
@@ -98,8 +109,8 @@ class TextStream:
     """One choice's text: detokenizer then stop matcher. `push` returns releasable text and
     sets `stopped` when a stop string ended the output; `finish` flushes both stages."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stops: list[str]) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids)
+    def __init__(self, tokenizer, prompt_ids: list[int], stops: list[str], decode=None) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_ids, decode)
         self._stop = StopMatcher(stops)
 
     @property

@@ -10,8 +10,15 @@ The HF oracle for them lives in `fixtures.py` (`hf_reference_greedy`, `hf_refere
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's interpreter; it must be chosen before anything
+# imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # The tiny test models gain nothing from a second thread, and torch's worker threads slow down
 # badly when other processes compete for the cores: one thread keeps suite times stable.

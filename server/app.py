@@ -1,0 +1,172 @@
+"""The FastAPI app: wiring, errors, health, metrics, usage.
+
+`create_app(engine, ...)` takes a constructed `Engine` (adapters it already holds become the
+shared adapters), loads the tenants' adapters from their configuration, and returns the app.
+The engine thread starts with the app's lifespan and stops with it (in-flight requests get up
+to `shutdown_grace_s` to finish, then are aborted). Routes live in `openai_routes.py` and
+`adapters.py`. Every error, including unknown routes, answers OpenAI's envelope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import adapters as adapter_routes
+from server import openai_routes
+from server.async_engine import AsyncEngine
+from server.context import ServerContext, get_ctx
+from server.metrics import Metrics
+from server.protocol import ERROR_TYPES, APIError, error_body
+from server.tenants import Tenants
+
+logger = logging.getLogger(__name__)
+DEMO_MODEL_ID = "loraplex-demo"
+
+
+def default_model_id(engine) -> str:
+    if engine.config.model is None:
+        return DEMO_MODEL_ID
+    return os.path.basename(os.path.normpath(engine.config.model))
+
+
+def create_app(
+    engine,
+    *,
+    tenants: Tenants | None = None,
+    model_id: str | None = None,
+    adapter_root: str | None = None,
+    max_queue: int | None = None,
+    shutdown_grace_s: float = 30.0,
+) -> FastAPI:
+    """ValueError if a tenant's configured adapter cannot be loaded (with the reason)."""
+    if adapter_root is not None and not os.path.isdir(adapter_root):
+        raise ValueError(f"--adapter-root {adapter_root!r} is not a directory")
+    if max_queue is not None and max_queue < 1:
+        raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
+    aengine = AsyncEngine(engine, max_queue=max_queue)
+    metrics = Metrics(lambda: aengine.stats)
+    aengine.on_queue_time = metrics.queue_time.observe
+    ctx = ServerContext(
+        aengine=aengine,
+        tenants=tenants or Tenants([], {}),
+        metrics=metrics,
+        model_id=model_id or default_model_id(engine),
+        adapter_root=adapter_root,
+        shutdown_grace_s=shutdown_grace_s,
+    )
+    _register_adapters(ctx)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        aengine.start()
+        try:
+            yield
+        finally:
+            await aengine.shutdown(ctx.shutdown_grace_s)
+
+    app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.ctx = ctx
+    app.include_router(openai_routes.router)
+    app.include_router(adapter_routes.router)
+    _add_error_handlers(app)
+    _add_service_routes(app)
+    pool = engine.pool
+    logger.info(
+        "model %s (%s), max_model_len %d; %d shared adapters %s; tenants: %s; "
+        "pool %d pages x %d bytes = %.1f MiB",
+        ctx.model_id,
+        engine.model_dir,
+        engine.max_model_len,
+        len(ctx.names.shared),
+        sorted(ctx.names.shared),
+        "open (no API keys)" if ctx.tenants.open else sorted(ctx.tenants.by_name),
+        pool.num_pages,
+        engine.page_bytes,
+        pool.num_pages * engine.page_bytes / 2**20,
+    )
+    return app
+
+
+def _register_adapters(ctx: ServerContext) -> None:
+    """Adapters the engine already holds are shared; tenants' configured ones are loaded now
+    (the engine thread is not running yet, so the engine is called directly)."""
+    engine = ctx.engine
+    for info in engine.adapters.list():
+        if info.name == ctx.model_id:
+            raise ValueError(f"adapter '{info.name}' has the base model's name")
+        ctx.names.reserve(None, info.name).info = info
+    for tenant in ctx.tenants.by_name.values():
+        for name, path in tenant.adapters.items():
+            try:
+                real = adapter_routes.confine(ctx.adapter_root, path)
+            except APIError as e:
+                raise ValueError(f"tenant {tenant.name}, adapter {name}: {e.message}") from None
+            if ctx.names.taken(tenant.name, name) or name == ctx.model_id:
+                raise ValueError(f"tenant {tenant.name}: adapter name '{name}' is already taken")
+            entry = ctx.names.reserve(tenant.name, name)
+            entry.info = engine.add_adapter(entry.engine_name, real)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        body = error_body(str(e.detail), ERROR_TYPES.get(e.status_code, "error"))
+        return JSONResponse(body, status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(x) for x in err["loc"][1:]) or None
+        body = error_body(f"Invalid value for '{param}': {err['msg']}", ERROR_TYPES[400], param)
+        return JSONResponse(body, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(error_body("internal server error", ERROR_TYPES[500]), 500)
+
+
+def _add_service_routes(app: FastAPI) -> None:
+    @app.get("/health")
+    async def health(request: Request):
+        ae = get_ctx(request).aengine
+        if ae.dead is not None:
+            raise APIError(503, f"the engine loop has stopped: {ae.dead}")
+        if ae.draining or not ae.alive:
+            raise APIError(503, "the server is shutting down")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        return Response(get_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/usage")
+    async def usage(request: Request):
+        """Requests and tokens counted per tenant: the caller's own (admins: every tenant)."""
+        ctx = get_ctx(request)
+        tenant = ctx.authenticate(request)
+        tenants = ctx.tenants.by_name.values() if tenant.admin else [tenant]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "tenant": t.name,
+                    "requests": t.usage.requests,
+                    "prompt_tokens": t.usage.prompt_tokens,
+                    "completion_tokens": t.usage.completion_tokens,
+                }
+                for t in tenants
+            ],
+        }

@@ -1,0 +1,116 @@
+"""`loraplex` command line: the engine's commands (generate, bench) plus `serve`.
+
+`loraplex serve [--model DIR] [--adapter NAME=DIR ...] [--adapter-root DIR] [--tenants FILE]
+[--api-key KEY] [--host H] [--port P] [--max-queue N] ...` and every engine option. Without
+`--model` it serves the embedded demo model and its adapters. SIGTERM/SIGINT: new requests get
+503, in-flight ones get up to `--shutdown-timeout` seconds to finish, then are aborted; the
+process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from engine import cli as engine_cli
+
+logger = logging.getLogger(__name__)
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    engine_cli.add_engine_args(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument(
+        "--adapter-root",
+        default=None,
+        help="directory under which adapters may be loaded by path (off without it)",
+    )
+    g.add_argument("--tenants", default=None, metavar="FILE.toml", help="tenants and API keys")
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("LORAPLEX_API_KEY") or None,
+        help="one admin API key (default: $LORAPLEX_API_KEY)",
+    )
+    g.add_argument("--max-queue", type=int, default=None, help="waiting sequences before 429")
+    g.add_argument("--served-model-name", default=None, help="the base model's id in the API")
+    g.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get to finish on SIGTERM",
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from engine.engine import Engine
+    from server.app import create_app
+    from server.tenants import Tenants
+
+    tenants = Tenants.from_options(args.tenants, args.api_key)
+    engine = Engine(engine_cli.engine_config(args), engine_cli.parse_adapters(args.adapter))
+    app = create_app(
+        engine,
+        tenants=tenants,
+        model_id=args.served_model_name,
+        adapter_root=args.adapter_root,
+        max_queue=args.max_queue,
+        shutdown_grace_s=args.shutdown_timeout,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=max(1, int(args.shutdown_timeout)),
+        access_log=False,
+        log_config=None,  # keep our logging setup
+    )
+    server = _make_server(config, app.state.ctx.aengine)
+    logger.info("listening on http://%s:%d (OpenAI API under /v1)", args.host, args.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def _make_server(config, aengine):
+    """A uvicorn.Server whose signal handler first turns new requests away (503). After the
+    graceful drain the process exits 0 (uvicorn would re-raise the signal)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            aengine.begin_shutdown()
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()
+
+    return Server(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = engine_cli.build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"loraplex: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
