@@ -41,6 +41,21 @@ class AdapterInfo:
     num_pages: int
 
 
+@dataclass(frozen=True)
+class PreparedAdapter:
+    """A validated, packed adapter not yet registered (see `AdapterRegistry.prepare`)."""
+
+    name: str
+    path: str
+    rank: int
+    alpha: float
+    scale: float
+    target_modules: tuple[str, ...]
+    layout: LoRALayout
+    blob: torch.Tensor  # [layout.num_elems] model dtype, host memory
+    num_pages: int
+
+
 @dataclass
 class _HostAdapter:
     info: AdapterInfo
@@ -72,13 +87,10 @@ class AdapterRegistry:
         self.host: dict[int, _HostAdapter] = {}
         self._views: dict[int, list[dict[str, GroupViews]]] = {}
 
-    def add(self, name: str, path: str, *, pinned: bool = False) -> AdapterInfo:
-        """Load, validate and register an adapter (host only until first use).
-
-        ValueError (AdapterError) with the reason if the files are bad or the name is taken;
-        nothing is registered then."""
-        if name in self.by_name:
-            raise ValueError(f"adapter '{name}': a loaded adapter already has this name")
+    def prepare(self, name: str, path: str) -> PreparedAdapter:
+        """Read, validate and pack an adapter's files. Touches no registry or pool state, so it
+        may run on any thread while the engine keeps stepping. AdapterError (a ValueError) with
+        the reason if the files are bad."""
         weights = load_adapter(name, path, self.spec, self.max_lora_rank)
         layout = lora_layout(
             weights.rank, weights.target_modules, self.spec.num_layers, self.module_dims
@@ -93,28 +105,51 @@ class AdapterRegistry:
         pack_blob(layout, weights.A, weights.B, blob)
         if self.pool.is_cuda:
             blob = blob.pin_memory()
-        uid = next(self._uids)
-        info = AdapterInfo(
+        return PreparedAdapter(
             name=name,
-            uid=uid,
             path=str(path),
             rank=weights.rank,
             alpha=weights.alpha,
             scale=weights.scale,
             target_modules=weights.target_modules,
-            num_bytes=blob.numel() * blob.element_size(),
+            layout=layout,
+            blob=blob,
             num_pages=num_pages,
         )
-        self.store.register(uid, num_pages, payload=None)
-        self.host[uid] = _HostAdapter(info, layout, blob)
-        self.by_name[name] = uid
-        if pinned:
-            if self.store.pin(uid):
-                self.write(uid)
+
+    def register(self, prepared: PreparedAdapter, *, pinned: bool = False) -> AdapterInfo:
+        """Make a prepared adapter usable under its name (host tier; device on first use).
+        Cheap: no file I/O. ValueError if the name is taken (nothing registered then)."""
+        p = prepared
+        if p.name in self.by_name:
+            raise ValueError(f"adapter '{p.name}': a loaded adapter already has this name")
+        uid = next(self._uids)
+        info = AdapterInfo(
+            name=p.name,
+            uid=uid,
+            path=p.path,
+            rank=p.rank,
+            alpha=p.alpha,
+            scale=p.scale,
+            target_modules=p.target_modules,
+            num_bytes=p.blob.numel() * p.blob.element_size(),
+            num_pages=p.num_pages,
+        )
+        self.store.register(uid, p.num_pages, payload=None)
+        self.host[uid] = _HostAdapter(info, p.layout, p.blob)
+        self.by_name[p.name] = uid
+        if pinned and self.store.pin(uid):
+            self.write(uid)
         logger.info(
-            "adapter %s: rank %d, %d bytes, %d pages", name, info.rank, info.num_bytes, num_pages
+            "adapter %s: rank %d, %d bytes, %d pages", p.name, p.rank, info.num_bytes, p.num_pages
         )
         return info
+
+    def add(self, name: str, path: str, *, pinned: bool = False) -> AdapterInfo:
+        """`prepare` then `register`: load, validate and register an adapter."""
+        if name in self.by_name:  # fail before reading any file
+            raise ValueError(f"adapter '{name}': a loaded adapter already has this name")
+        return self.register(self.prepare(name, path), pinned=pinned)
 
     def remove(self, name: str) -> None:
         """Forget an adapter and free its host and pool memory. RuntimeError while in use."""

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from engine.config import BACKENDS, DTYPES, EngineConfig
 
@@ -114,7 +115,11 @@ def _config_kwargs(args: argparse.Namespace) -> dict:
     return {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(
+    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> argparse.ArgumentParser:
+    """The `loraplex` parser; `extra_commands(subparsers)` adds commands of outer layers
+    (the server adds `serve`) without this module importing them."""
     p = argparse.ArgumentParser(prog="loraplex", description="multi-LoRA LLM inference")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
@@ -133,11 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_mod.add_arguments(thr)
     thr.set_defaults(func=bench_mod.throughput)
+    if extra_commands is not None:
+        extra_commands(sub)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+) -> int:
+    args = build_parser(extra_commands).parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

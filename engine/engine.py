@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.adapters import AdapterInfo, AdapterRegistry
+from engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
 from engine.config import EngineConfig
 from engine.loader import load_checkpoint, load_model_spec
 from engine.model import Model
@@ -115,6 +115,14 @@ class Engine:
 
     def add_adapter(self, name: str, path: str, *, pinned: bool = False) -> AdapterInfo:
         return self.adapters.add(name, path, pinned=pinned)
+
+    def prepare_adapter(self, name: str, path: str) -> PreparedAdapter:
+        """Thread-safe first half of `add_adapter` (file I/O, validation, packing): run it off
+        the engine thread, then `register_adapter` on it."""
+        return self.adapters.prepare(name, path)
+
+    def register_adapter(self, prepared: PreparedAdapter, *, pinned: bool = False) -> AdapterInfo:
+        return self.adapters.register(prepared, pinned=pinned)
 
     def remove_adapter(self, name: str) -> None:
         """Unregister an adapter. RuntimeError if a queued or running request still uses it."""

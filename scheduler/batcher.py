@@ -49,6 +49,7 @@ class Batcher:
         self.running: list[Sequence] = []  # admission order (oldest first)
         self.step_no = 0
         self.num_preemptions = 0
+        self.admitted_last_step: list[Sequence] = []  # waiting -> running in the last schedule()
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -102,6 +103,7 @@ class Batcher:
 
     def schedule(self) -> ScheduledBatch | None:
         self.step_no += 1
+        self.admitted_last_step = []
         budget = self.cfg.max_num_batched_tokens
         items: list[ScheduledSeq] = []
         scheduled: set[int] = set()
@@ -169,6 +171,7 @@ class Batcher:
             self.waiting.remove(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.admitted_last_step.append(seq)
             items.append(ScheduledSeq(seq, 0, n))
             scheduled.add(seq.seq_id)
             budget -= n

@@ -90,7 +90,7 @@ async def load_adapter(
         )
     entry = ctx.names.reserve(owner, name)
     t0 = time.monotonic()
-    task = asyncio.ensure_future(ctx.aengine.call(lambda e: e.add_adapter(entry.engine_name, real)))
+    task = asyncio.ensure_future(_load(ctx, entry.engine_name, real))
     # A client that goes away does not cancel the load half-way: it completes (or is undone).
     task.add_done_callback(lambda t: _settle(ctx, entry, t, t0))
     try:
@@ -102,6 +102,13 @@ async def load_adapter(
         raise APIError(400, msg, param="path", code="invalid_adapter") from None
     logger.info("adapter %s loaded for %s: rank %d", name, owner, entry.info.rank)
     return entry
+
+
+async def _load(ctx: ServerContext, engine_name: str, path: str):
+    """Read, validate and pack the files on a worker thread (the engine keeps stepping), then
+    register on the engine thread (cheap)."""
+    prepared = await asyncio.to_thread(ctx.aengine.engine.prepare_adapter, engine_name, path)
+    return await ctx.aengine.call(lambda e: e.register_adapter(prepared))
 
 
 def _settle(ctx: ServerContext, entry: AdapterEntry, task: asyncio.Future, t0: float) -> None:

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from scheduler.sequence import FinishReason, SamplingParams, SequenceStatus, StepOutput
+from scheduler.sequence import FinishReason, SamplingParams, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -261,17 +261,16 @@ class AsyncEngine:
     def _after_step(self, outputs: list[StepOutput], t0: float) -> None:
         now = time.monotonic()
         if self._unstarted:
-            started = [
-                (rid, t)
-                for rid, (seq, t) in self._unstarted.items()
-                if seq.status is not SequenceStatus.WAITING
-            ]
-            for rid, t in started:
-                del self._unstarted[rid]
-                if self.on_queue_time is not None:
-                    self.on_queue_time(t0 - t)
+            # Only requests admitted this step can have started: O(admitted), not O(queue).
+            started = 0
+            for seq in self.engine.batcher.admitted_last_step:
+                entry = self._unstarted.pop(seq.request_id, None)
+                if entry is not None:
+                    started += 1
+                    if self.on_queue_time is not None:
+                        self.on_queue_time(t0 - entry[1])
             if started:
-                self._dec_waiting(len(started))
+                self._dec_waiting(started)
         deliveries = []
         for out in outputs:
             group = self._routes.get(out.request_id)

@@ -91,25 +91,19 @@ def _make_server(config, aengine):
     return Server(config)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = engine_cli.build_parser()
-    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+def add_serve_command(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
-    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return engine_cli.build_parser(add_serve_command)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"loraplex: error: {e}", file=sys.stderr)
-        return 2
+    """`loraplex`: the engine's commands (generate, bench) plus `serve`."""
+    return engine_cli.main(argv, add_serve_command)
 
 
 if __name__ == "__main__":
