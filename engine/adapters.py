@@ -168,6 +168,9 @@ class AdapterRegistry:
     def info(self, uid: int) -> AdapterInfo:
         return self.host[uid].info
 
+    def layout(self, uid: int) -> LoRALayout:
+        return self.host[uid].layout
+
     def list(self) -> list[AdapterInfo]:
         return [self.host[uid].info for uid in self.by_name.values()]
 

@@ -32,8 +32,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048)
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--lora-backend", choices=BACKENDS, default="torch")
-    g.add_argument("--attention-backend", choices=BACKENDS, default="torch")
+    g.add_argument(
+        "--lora-backend", choices=BACKENDS, default="auto", help="auto: triton on CUDA, else torch"
+    )
+    g.add_argument(
+        "--attention-backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto: triton on CUDA, else torch",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("torch",)
+BACKENDS = ("auto", "torch", "triton")  # auto: triton on CUDA, torch on CPU
 
 
 @dataclass(frozen=True)
@@ -33,8 +33,8 @@ class EngineConfig:
     max_lora_rank: int = 64
     max_model_len: int | None = None
     starvation_steps: int = 32
-    lora_backend: str = "torch"
-    attention_backend: str = "torch"
+    lora_backend: str = "auto"
+    attention_backend: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -56,3 +56,10 @@ class EngineConfig:
         for name in ("lora_backend", "attention_backend"):
             if getattr(self, name) not in BACKENDS:
                 raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
+
+    def backend(self, name: str) -> str:
+        """The resolved backend ("torch" or "triton") of `lora` or `attention`."""
+        value = getattr(self, f"{name}_backend")
+        if value == "auto":
+            return "triton" if self.device.startswith("cuda") else "torch"
+        return value

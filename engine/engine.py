@@ -77,8 +77,14 @@ class Engine:
         self.store = AdapterStore(self.pool)
         self.adapters = AdapterRegistry(spec, self.store, self.pool_tensor, config.max_lora_rank)
 
-        self.model = Model(spec, tensors, self.pool_tensor, config.block_size, self.max_model_len)
-        self.runner = Runner(self.model, self.adapters, self.device)
+        lora_backend, attention_backend = config.backend("lora"), config.backend("attention")
+        self.model = Model(
+            spec, tensors, self.pool_tensor, config.block_size, self.max_model_len,
+            lora_backend, attention_backend,
+        )  # fmt: skip
+        self.runner = Runner(
+            self.model, self.adapters, self.device, lora_backend, attention_backend
+        )
         self.sampler = Sampler()
         self.batcher = Batcher(
             SchedulerConfig(

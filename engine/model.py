@@ -52,6 +52,8 @@ class Model:
         kv_pages: torch.Tensor,
         block_size: int,
         max_positions: int,
+        lora_backend: str = "torch",
+        attention_backend: str = "torch",
     ) -> None:
         """`kv_pages` is the unified pool viewed as [num_pages, page_elems]; KV pages are read
         as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]."""
@@ -101,6 +103,17 @@ class Model:
         self.k_caches = [cache[:, i, 0] for i in range(spec.num_layers)]
         self.v_caches = [cache[:, i, 1] for i in range(spec.num_layers)]
         self.scale = spec.head_dim**-0.5
+        # Backends: the torch paths run everywhere; the Triton kernels are imported only when
+        # chosen (they need CUDA, or TRITON_INTERPRET=1 on the CPU).
+        self.lora_apply, self.write_kv, self.attention = lora_apply_torch, write_kv, paged_attention
+        if lora_backend == "triton":
+            from kernels.lora_triton import lora_apply_triton
+
+            self.lora_apply = lora_apply_triton
+        if attention_backend == "triton":
+            from kernels.attention_triton import paged_attention_triton, write_kv_triton
+
+            self.write_kv, self.attention = write_kv_triton, paged_attention_triton
 
     @torch.inference_mode()
     def forward(self, meta: ForwardMeta) -> torch.Tensor:
@@ -115,26 +128,26 @@ class Model:
             x = rms_norm(h, w.input_norm, spec.rms_norm_eps)
             qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, q_dim + 2 kv_dim]
             if lora:
-                lora_apply_torch(x, qkv, i, "qkv", lora)
+                self.lora_apply(x, qkv, i, "qkv", lora)
             q = qkv[:, :q_dim].view(-1, spec.num_heads, spec.head_dim)
             k = qkv[:, q_dim : q_dim + kv_dim].view(-1, spec.num_kv_heads, spec.head_dim)
             v = qkv[:, q_dim + kv_dim :].view(-1, spec.num_kv_heads, spec.head_dim)
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
-            o = paged_attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
+            self.write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
+            o = self.attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
             o = o.reshape(-1, q_dim)
             attn_out = F.linear(o, w.o, w.o_bias)
             if lora:
-                lora_apply_torch(o, attn_out, i, "o", lora)
+                self.lora_apply(o, attn_out, i, "o", lora)
             h = h + attn_out
             x = rms_norm(h, w.post_norm, spec.rms_norm_eps)
             gu = F.linear(x, w.gate_up, w.gate_up_bias)  # [T, 2 inter]
             if lora:
-                lora_apply_torch(x, gu, i, "gate_up", lora)
+                self.lora_apply(x, gu, i, "gate_up", lora)
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
             mlp_out = F.linear(a, w.down, w.down_bias)
             if lora:
-                lora_apply_torch(a, mlp_out, i, "down", lora)
+                self.lora_apply(a, mlp_out, i, "down", lora)
             h = h + mlp_out
         h = rms_norm(h[meta.sample_rows], self.norm, spec.rms_norm_eps)
         return F.linear(h, self.lm_head).float()

@@ -12,16 +12,27 @@ import torch
 from engine.adapters import AdapterRegistry
 from engine.model import ForwardMeta, Model
 from engine.sampler import SamplingBatch
-from kernels.attention import build_attention_meta
-from kernels.lora import LoRABatchMeta, LoRASegment
+from kernels.attention import build_attention_meta, triton_q_tile
+from kernels.lora import LoRABatchMeta, LoRASegment, build_triton_lora_meta
 from scheduler.sequence import ScheduledBatch
 
 
 class Runner:
-    def __init__(self, model: Model, adapters: AdapterRegistry, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: Model,
+        adapters: AdapterRegistry,
+        device: torch.device,
+        lora_backend: str = "torch",
+        attention_backend: str = "torch",
+    ) -> None:
         self.model = model
         self.adapters = adapters
         self.device = device
+        self.lora_backend = lora_backend
+        self.attention_backend = attention_backend
+        spec = model.spec
+        self.q_tile = triton_q_tile(spec.num_heads, spec.num_kv_heads)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[ForwardMeta, SamplingBatch]:
         """Items must be ordered by adapter uid (the batcher does it), so each adapter's
@@ -52,21 +63,52 @@ class Runner:
             if item.samples:
                 sample_rows.append(row - 1)
                 sampled_seqs.append(seq)
-        segments = []
-        for adapter_idx, (lo, hi, uid) in enumerate(runs):
-            info = self.adapters.info(uid)
-            segments.append(
-                LoRASegment(lo, hi, adapter_idx, info.rank, info.scale, self.adapters.views(uid))
-            )
         dev = self.device
+        if self.attention_backend == "triton":
+            attn = build_attention_meta(
+                query_lens, context_lens, tables, self.model.block_size, dev,
+                q_tile=self.q_tile, torch_groups=False,
+            )  # fmt: skip
+        else:
+            attn = build_attention_meta(
+                query_lens, context_lens, tables, self.model.block_size, dev
+            )
         meta = ForwardMeta(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            attn=build_attention_meta(query_lens, context_lens, tables, self.model.block_size, dev),
-            lora=LoRABatchMeta(segments),
+            attn=attn,
+            lora=self._lora_meta(runs),
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
         return meta, SamplingBatch.from_seqs(sampled_seqs)
+
+    def _lora_meta(self, runs: list[list[int]]) -> LoRABatchMeta:
+        """One batch slot (adapter_idx) per adapter run; the batch is ordered by adapter, so
+        each adapter has exactly one run."""
+        if not runs:
+            return LoRABatchMeta([])
+        infos = [self.adapters.info(uid) for _, _, uid in runs]
+        if self.lora_backend == "triton":
+            # Kernels read weights straight from the pool pages through each page table.
+            reg = self.adapters
+            tri = build_triton_lora_meta(
+                [(lo, hi, idx) for idx, (lo, hi, _) in enumerate(runs)],
+                [
+                    (info.rank, info.scale, reg.layout(uid), reg.store.pages(uid))
+                    for info, (_, _, uid) in zip(infos, runs, strict=True)
+                ],
+                self.model.spec.num_layers,
+                reg.page_elems,
+                self.device,
+                pool=reg.pool,
+            )
+            return LoRABatchMeta([], triton=tri)
+        return LoRABatchMeta(
+            [
+                LoRASegment(lo, hi, idx, info.rank, info.scale, self.adapters.views(uid))
+                for idx, ((lo, hi, uid), info) in enumerate(zip(runs, infos, strict=True))
+            ]
+        )
 
     def forward(self, meta: ForwardMeta) -> torch.Tensor:
         return self.model.forward(meta)
