@@ -20,11 +20,11 @@ import math
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.bench_report import BASE, Row, format_table, measure, ratios
 
 logger = logging.getLogger(__name__)
 
@@ -34,25 +34,6 @@ BENCH_MODEL = dict(
     hidden_size=512, intermediate_size=1792, num_layers=8, num_heads=8, num_kv_heads=4, seed=0
 )
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BASE = "base only"
-
-
-@dataclass
-class Row:
-    system: str  # "loraplex" or "peft"
-    workload: str  # "8 adapters (mixed)" or BASE
-    requests: int
-    output_tokens: int
-    wall_s: float
-    other_load: float | None = None  # CPU cores kept busy by other processes while timed
-
-    @property
-    def req_per_s(self) -> float:
-        return self.requests / self.wall_s
-
-    @property
-    def tok_per_s(self) -> float:
-        return self.output_tokens / self.wall_s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,47 +116,6 @@ def _pool_bytes(args, spec, adapters: dict[str, str], elem: int) -> int:
     return 2 * total
 
 
-class _Timed:
-    """Wall time of a block, and how many cores other processes (or the hypervisor: steal)
-    kept busy meanwhile: /proc/stat busy time minus our own CPU time. None off Linux."""
-
-    @staticmethod
-    def _cpu() -> tuple[float, float]:
-        t = os.times()
-        try:
-            f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-        except (OSError, ValueError, IndexError):
-            busy = math.nan
-        return busy, t.user + t.system
-
-    def __enter__(self) -> _Timed:
-        self.cpu0, self.t0 = self._cpu(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self.t0
-        (b0, s0), (b1, s1) = self.cpu0, self._cpu()
-        other = ((b1 - b0) - (s1 - s0)) / self.wall
-        self.other_load = None if math.isnan(other) else max(0.0, other)
-
-
-def _measure(system, workload, run, warm, args) -> tuple[Row, list[list[int]]]:
-    """`warm()` `--warmup` times, then `run()` (-> output token lists) `--repeat` times; the
-    fastest repetition (the one least disturbed by other processes) is kept."""
-    for _ in range(args.warmup):
-        warm()
-    best = None
-    for _ in range(args.repeat):
-        with _Timed() as t:
-            outs = run()
-        if best is None or t.wall < best[0].wall:
-            best = (t, outs)
-    t, outs = best
-    tokens = sum(len(o) for o in outs)
-    return Row(system, workload, len(outs), tokens, t.wall, t.other_load), outs
-
-
 def run_ours(llm, prompts, adapters, args, workload: str) -> tuple[Row, list[list[int]]]:
     """All requests submitted at once; the engine batches up to `concurrency` of them."""
     from scheduler.sequence import SamplingParams
@@ -184,7 +124,7 @@ def run_ours(llm, prompts, adapters, args, workload: str) -> tuple[Row, list[lis
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=min(4, args.output_len), temperature=0.0, ignore_eos=True)
     n = min(args.concurrency, len(prompts))
-    return _measure(
+    return measure(
         "loraplex",
         workload,
         lambda: [o.token_ids for o in llm.generate(prompts, params, alist)],
@@ -215,9 +155,9 @@ def run_peft(model_dir, adapters, prompts, names, args, workload) -> list[tuple[
         )
         return out[:, ids.shape[1] :].tolist()
 
-    def measure(workload, names):
+    def timed(workload, names):
         full = range(0, n, bs)
-        return _measure(
+        return measure(
             "peft",
             workload,
             lambda: [o for lo in full for o in gen(lo, min(lo + bs, n), args.output_len, names)],
@@ -228,47 +168,15 @@ def run_peft(model_dir, adapters, prompts, names, args, workload) -> list[tuple[
     results = []
     with torch.inference_mode():
         if not names or args.also_base:
-            results.append(measure(BASE, None))
+            results.append(timed(BASE, None))
         if names:
             (first, path), *rest = adapters.items()
             model = PeftModel.from_pretrained(model, path, adapter_name=first)
             for name, path in rest:
                 model.load_adapter(path, adapter_name=name)
             model.eval()
-            results.append(measure(workload, names))
+            results.append(timed(workload, names))
     return results
-
-
-def format_table(rows: list[Row]) -> str:
-    """Plain-text table, columns aligned (text left, numbers right)."""
-    head = ("system", "workload", "requests", "out tokens", "wall s", "req/s", "out tok/s")
-    cells = [head + ("other load",)] + [
-        (r.system, r.workload, str(r.requests), str(r.output_tokens), f"{r.wall_s:.3f}",
-         f"{r.req_per_s:.2f}", f"{r.tok_per_s:.1f}",
-         "n/a" if r.other_load is None else f"{r.other_load:.2f}")
-        for r in rows
-    ]  # fmt: skip
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cells[0]))]
-    just = [str.ljust] * 2 + [str.rjust] * (len(widths) - 2)
-    lines = ["  ".join(j(c, w) for j, c, w in zip(just, cs, widths, strict=True)) for cs in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def ratios(rows: list[Row]) -> list[tuple[str, float, float | None]]:
-    """(label, value, target or None) of output tok/s: loraplex / peft per workload (target 3x
-    with adapters), and mixed / base only per system (target 0.75x for loraplex)."""
-    by = {(r.system, r.workload): r for r in rows}
-    out = []
-    for (system, w), r in by.items():
-        if system == "peft" and ("loraplex", w) in by:
-            value = by["loraplex", w].tok_per_s / r.tok_per_s
-            out.append((f"loraplex / peft, {w}", value, None if w == BASE else 3.0))
-    for (system, w), r in by.items():
-        if w != BASE and (system, BASE) in by:
-            value = r.tok_per_s / by[system, BASE].tok_per_s
-            out.append((f"{system} {w} / {BASE}", value, 0.75 if system == "loraplex" else None))
-    return out
 
 
 def _cpu_model() -> str:

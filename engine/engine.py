@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,21 @@ def default_pool_bytes(device: torch.device) -> int:
         return int(free * GPU_POOL_FRACTION)
     avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return int(min(avail * CPU_POOL_FRACTION, CPU_POOL_CAP))
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load and memory, for metrics (cheap to take each step)."""
+
+    running: int = 0
+    waiting: int = 0
+    pages_total: int = 0
+    pages_kv: int = 0
+    pages_adapter: int = 0
+    adapters_device: int = 0
+    adapters_host: int = 0
+    adapter_loads: int = 0
+    adapter_evictions: int = 0
 
 
 class Engine:
@@ -197,6 +213,20 @@ class Engine:
             if out.finished:
                 self._requests.pop(out.request_id, None)
         return outputs
+
+    def stats(self) -> EngineStats:
+        b, p, s = self.batcher, self.pool, self.store
+        return EngineStats(
+            running=len(b.running),
+            waiting=len(b.waiting),
+            pages_total=p.num_pages,
+            pages_kv=p.pages_used("kv"),
+            pages_adapter=p.pages_used("adapter"),
+            adapters_device=s.num_resident,
+            adapters_host=s.num_registered,
+            adapter_loads=s.loads,
+            adapter_evictions=s.evictions,
+        )
 
     def check_integrity(self) -> None:
         """Every page owned exactly once; KV tables and adapter residency consistent."""

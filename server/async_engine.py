@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from engine.engine import EngineStats
 from scheduler.sequence import FinishReason, SamplingParams, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -60,19 +61,6 @@ class RequestGroup:
     @property
     def ids(self) -> list[str]:
         return [s.request_id for s in self.subs]
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    running: int = 0
-    waiting: int = 0
-    pages_total: int = 0
-    pages_kv: int = 0
-    pages_adapter: int = 0
-    adapters_device: int = 0
-    adapters_host: int = 0
-    adapter_loads: int = 0
-    adapter_evictions: int = 0
 
 
 class AsyncEngine:
@@ -342,19 +330,7 @@ class AsyncEngine:
             self._loop.call_soon_threadsafe(done)
 
     def _update_stats(self) -> None:
-        e = self.engine
-        b, p, s = e.batcher, e.pool, e.store
-        self.stats = EngineStats(
-            running=len(b.running),
-            waiting=len(b.waiting),
-            pages_total=p.num_pages,
-            pages_kv=p.pages_used("kv"),
-            pages_adapter=p.pages_used("adapter"),
-            adapters_device=s.num_resident,
-            adapters_host=s.num_registered,
-            adapter_loads=s.loads,
-            adapter_evictions=s.evictions,
-        )
+        self.stats = self.engine.stats()
 
 
 def _deliver(deliveries: list, t: float) -> None:

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from engine.bench import Row, format_table
+from engine.bench_report import Row, format_table
 from engine.cli import main
 
 
