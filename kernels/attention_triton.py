@@ -24,19 +24,12 @@ import triton
 import triton.language as tl
 
 from kernels.attention import AttentionMeta
+from kernels.triton_common import mma
 
 BLOCK_N = 64  # keys per inner step
 TARGET_PROGRAMS = 264  # about two waves of an H100's SMs
 MIN_KEYS_PER_SPLIT = 256
 NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": masked rows never produce NaN
-
-
-@triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -105,7 +98,7 @@ def _attn_kernel(
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(kc_ptr + page[:, None] * skc_p + slot[:, None] * skc_s + kvh * skc_h
                     + d[None, :], kv_mask, 0.0)  # fmt: skip
-        s = _mma(q, tl.trans(k), UPCAST) * scale_log2
+        s = mma(q, tl.trans(k), UPCAST) * scale_log2
         ok = j_ok[None, :] & (j[None, :] <= q_pos[:, None])
         s = tl.where(ok, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -114,7 +107,7 @@ def _attn_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + page[:, None] * svc_p + slot[:, None] * svc_s + kvh * svc_h
                     + d[None, :], kv_mask, 0.0)  # fmt: skip
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, UPCAST)
+        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST)
         m_i = m_new
     out_mask = row_ok[:, None] & d_ok[None, :]
     if NUM_SPLITS == 1:

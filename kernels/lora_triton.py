@@ -27,19 +27,12 @@ import triton
 import triton.language as tl
 
 from kernels.lora import GROUP_INDEX, MAX_SLOTS, LoRABatchMeta
+from kernels.triton_common import mma
 
 BLOCK_R = 16  # rank-block (shrink output columns / expand reduction step)
 BLOCK_K = 64  # shrink reduction step over the input features
 BLOCK_N = 64  # expand output columns per program
 SPLIT_K = 1024  # input features per shrink K-split (hidden 4096 -> 4 splits, 11008 -> 11)
-
-
-@triton.jit
-def _mma(a, b, UPCAST: tl.constexpr):
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b)
 
 
 @triton.jit
@@ -79,7 +72,7 @@ def _shrink_kernel(
         w_mask = col_mask[:, None] & k_mask[None, :]
         page = tl.load(table + e // PAGE_ELEMS, w_mask, 0).to(tl.int64)
         w = tl.load(pool_ptr + page * PAGE_ELEMS + e % PAGE_ELEMS, w_mask, 0.0)
-        acc += _mma(xt, tl.trans(w), UPCAST)
+        acc += mma(xt, tl.trans(w), UPCAST)
     v_rows = v_ptr + split * stride_vs + (row0 + rows).to(tl.int64)[:, None] * stride_vm
     tl.store(v_rows + cols[None, :], acc, mask=row_mask[:, None] & col_mask[None, :])
 
@@ -128,7 +121,7 @@ def _expand_kernel(
         w_mask = r_mask[:, None] & n_mask[None, :]
         page = tl.load(table + e // PAGE_ELEMS, w_mask, 0).to(tl.int64)
         w = tl.load(pool_ptr + page * PAGE_ELEMS + e % PAGE_ELEMS, w_mask, 0.0)
-        acc += _mma(vt.to(w.dtype), w, UPCAST)
+        acc += mma(vt.to(w.dtype), w, UPCAST)
     y_rows = y_ptr + (row0 + rows).to(tl.int64)[:, None] * stride_ym
     y_ptrs = y_rows + (lo + ns)[None, :] * stride_yn
     y_mask = row_mask[:, None] & n_mask[None, :]
