@@ -43,6 +43,9 @@ class AdapterStore:
         self._lru: OrderedDict[int, None] = OrderedDict()  # resident uids, least recent first
         self.loads = 0
         self.evictions = 0
+        # Pages of resident, idle (refcount 0), unpinned adapters: kept up to date on every
+        # change so that admission asks "how much could be evicted?" in O(1).
+        self._idle_pages = 0
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -138,8 +141,10 @@ class AdapterStore:
         Raises PoolExhausted with all state unchanged if it cannot be made resident.
         """
         e = self._get(uid)
+        before = self._idle(e)
         loaded = self._ensure_resident(uid, e)
         e.refcount += 1
+        self._idle_pages += self._idle(e) - before
         self._lru.move_to_end(uid)
         return loaded
 
@@ -148,7 +153,9 @@ class AdapterStore:
         e = self._get(uid)
         if e.refcount <= 0:
             raise ValueError(f"adapter {uid} released more often than acquired")
+        before = self._idle(e)
         e.refcount -= 1
+        self._idle_pages += self._idle(e) - before
         self._lru.move_to_end(uid)
 
     def pin(self, uid: int) -> bool:
@@ -156,8 +163,10 @@ class AdapterStore:
         reference. Idempotent. Returns True iff it was loaded just now; PoolExhausted with state
         unchanged if it cannot be made resident."""
         e = self._get(uid)
+        before = self._idle(e)
         loaded = self._ensure_resident(uid, e)
         e.pinned = True
+        self._idle_pages += self._idle(e) - before
         self._lru.move_to_end(uid)
         return loaded
 
@@ -166,16 +175,15 @@ class AdapterStore:
         e = self._get(uid)
         if not e.pinned:
             raise ValueError(f"adapter {uid} is not pinned")
+        before = self._idle(e)
         e.pinned = False
+        self._idle_pages += self._idle(e) - before
 
     def evictable_pages(self, exclude: int | None = None) -> int:
-        """Pages held by resident, idle (refcount 0), unpinned adapters other than ``exclude``."""
-        total = 0
-        for uid in self._lru:
-            e = self._entries[uid]
-            if uid != exclude and e.refcount == 0 and not e.pinned:
-                total += e.num_pages
-        return total
+        """Pages held by resident, idle (refcount 0), unpinned adapters other than ``exclude``.
+        O(1)."""
+        e = self._entries.get(exclude) if exclude is not None else None
+        return self._idle_pages - (self._idle(e) if e is not None else 0)
 
     def pinned_pages(self, exclude: int | None = None) -> int:
         """Pages held by pinned adapters other than ``exclude``: never available to anyone else."""
@@ -248,6 +256,11 @@ class AdapterStore:
             raise IntegrityError(
                 f"LRU has {len(self._lru)} uids but {len(resident)} adapters are resident"
             )
+        idle = sum(self._idle(e) for e in self._entries.values())
+        if idle != self._idle_pages:
+            raise IntegrityError(
+                f"idle-page counter says {self._idle_pages}, resident idle adapters hold {idle}"
+            )
         used = self.pool.pages_used("adapter")
         if used != total:
             raise IntegrityError(
@@ -255,6 +268,11 @@ class AdapterStore:
             )
 
     # -- internals --------------------------------------------------------------------------
+
+    @staticmethod
+    def _idle(e: _Entry) -> int:
+        """Pages `e` contributes to `_idle_pages`."""
+        return e.num_pages if e.pages is not None and e.refcount == 0 and not e.pinned else 0
 
     def _get(self, uid: int) -> _Entry:
         e = self._entries.get(uid)
@@ -285,6 +303,7 @@ class AdapterStore:
 
     def _drop(self, uid: int, e: _Entry) -> None:
         assert e.pages is not None
+        self._idle_pages -= self._idle(e)
         self.pool.free(e.pages, "adapter", uid)
         e.pages = None
         e.pinned = False
