@@ -36,6 +36,7 @@ class AttnGroup:
     key_pages: torch.Tensor
     key_offsets: torch.Tensor
     mask: torch.Tensor
+    key_rows: tuple[int, torch.Tensor] | None = None  # (rows_per_page, flat row index [G*L])
 
 
 @dataclass
@@ -201,16 +202,35 @@ def paged_attention(
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]. New K/V must already be written."""
     out = torch.empty_like(q)
+    k_rows, v_rows = _token_rows(k_cache), _token_rows(v_cache)
+    rows_per_page = k_cache.stride(0) // k_cache.stride(1)
     for g in meta.groups:
+        if g.key_rows is None or g.key_rows[0] != rows_per_page:  # once per step, not per layer
+            g.key_rows = (rows_per_page, (g.key_pages * rows_per_page + g.key_offsets).view(-1))
+        idx = g.key_rows[1]
+        G, L = g.key_pages.shape
         qg = q[g.q_index].transpose(1, 2)  # [G, heads, Q, hd]
-        kg = k_cache[g.key_pages, g.key_offsets].transpose(1, 2)  # [G, kv_heads, L, hd]
-        vg = v_cache[g.key_pages, g.key_offsets].transpose(1, 2)
+        kg = k_rows.index_select(0, idx).view(G, L, *k_cache.shape[2:]).transpose(1, 2)
+        vg = v_rows.index_select(0, idx).view(G, L, *v_cache.shape[2:]).transpose(1, 2)
+        # kg, vg: [G, kv_heads, L, hd]
         og = F.scaled_dot_product_attention(
             qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=kg.shape[1] != qg.shape[1]
         )  # [G, heads, Q, hd]
         og = og.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[g.valid]
         out[g.out_rows] = og
     return out
+
+
+def _token_rows(cache: torch.Tensor) -> torch.Tensor:
+    """[num_pages, block_size, kv_heads, hd] (page stride may be larger than a block, as in the
+    unified pool) -> [rows, kv_heads, hd] where token (page p, slot s) is row
+    p * rows_per_page + s: one `index_select` gathers a step's keys (two-tensor advanced
+    indexing is several times slower on the CPU)."""
+    if cache.stride(1) != cache.shape[2] * cache.stride(2) or cache.stride(3) != 1:
+        raise ValueError(f"KV cache rows must be contiguous, got strides {cache.stride()}")
+    rows_per_page = cache.stride(0) // cache.stride(1)
+    n = (cache.shape[0] - 1) * rows_per_page + cache.shape[1]
+    return cache.as_strided((n, cache.shape[2], cache.shape[3]), cache.stride()[1:])
 
 
 def attention_reference(
