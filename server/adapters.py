@@ -25,7 +25,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.async_engine import Unavailable
+from server.async_engine import Unavailable, await_in_fresh_thread
 from server.context import ServerContext, get_ctx
 from server.protocol import AdapterLoad, APIError, LoadLoraAdapter, UnloadLoraAdapter, parse
 from server.tenants import NAME_RE, AdapterEntry, Tenant
@@ -107,7 +107,7 @@ async def load_adapter(
 async def _load(ctx: ServerContext, engine_name: str, path: str):
     """Read, validate and pack the files on a worker thread (the engine keeps stepping), then
     register on the engine thread (cheap)."""
-    prepared = await asyncio.to_thread(ctx.aengine.engine.prepare_adapter, engine_name, path)
+    prepared = await await_in_fresh_thread(ctx.aengine.engine.prepare_adapter, engine_name, path)
     return await ctx.aengine.call(lambda e: e.register_adapter(prepared))
 
 

@@ -50,18 +50,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
     from server.app import create_app
+    from server.async_engine import run_in_fresh_thread
     from server.tenants import Tenants
 
     tenants = Tenants.from_options(args.tenants, args.api_key)
-    engine = Engine(engine_cli.engine_config(args), engine_cli.parse_adapters(args.adapter))
-    app = create_app(
-        engine,
-        tenants=tenants,
-        model_id=args.served_model_name,
-        adapter_root=args.adapter_root,
-        max_queue=args.max_queue,
-        shutdown_grace_s=args.shutdown_timeout,
-    )
+
+    def build():
+        engine = Engine(engine_cli.engine_config(args), engine_cli.parse_adapters(args.adapter))
+        return create_app(
+            engine,
+            tenants=tenants,
+            model_id=args.served_model_name,
+            adapter_root=args.adapter_root,
+            max_queue=args.max_queue,
+            shutdown_grace_s=args.shutdown_timeout,
+        )
+
+    # Torch work only on threads that exit or on the engine thread (see run_in_fresh_thread).
+    app = run_in_fresh_thread(build)
     config = uvicorn.Config(
         app,
         host=args.host,
