@@ -15,12 +15,13 @@ class EngineConfig:
 
     model: checkpoint directory, or None for the embedded demo model.
     pool_bytes: size of the one unified page pool (KV cache + adapters); None = from free memory.
-    block_size: tokens per KV page (raised automatically when a page could not hold one
-        adapter row; see memory/pool.py).
+    block_size: tokens per KV page; a page holds K and V of `block_size` tokens for all layers
+        (see memory/pool.py), and adapters take whole pages of the same size.
     max_model_len: longest prompt + output; None = the checkpoint's max_position_embeddings
         capped at 8192.
     starvation_steps: a waiting request older than this many steps is admitted before any
         younger one (cold adapters are not starved by hot ones).
+    lora_backend, attention_backend: "torch", "triton", or "auto" (triton on CUDA, else torch).
     """
 
     model: str | None = None

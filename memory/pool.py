@@ -8,8 +8,11 @@ Unified paging (S-LoRA), with a geometry that survives GQA and MLP adapters:
   One KV page holds K and V of ``block_size`` consecutive tokens of one sequence for ALL layers,
   so a sequence's block table is a single list of page ids valid for every layer. GQA only
   changes ``kv_dim``, never the hidden size.
-* One load of an adapter is laid out as one flat blob: per layer, per module group, the A rows
-  ``[r, in]`` followed by the B^T rows ``[r, out]``. The blob is cut into pages, so an adapter
+* One load of an adapter is laid out as one flat blob: per layer, per module group (q/k/v,
+  o, gate/up, down), the stacked A rows ``[n_modules * r, in]`` of the targeted modules, then
+  each module's B^T rows ``[r, out]`` (kernels/lora.py). Rows are not aligned to pages (a row
+  may continue on the next page), so any row width fits: hidden size, GQA's narrower k/v width,
+  or the MLP's intermediate size. The blob is cut into pages, so an adapter
   takes ``ceil(blob_elems / page_elems)`` pages with
   ``blob_elems = r * sum over target modules of (in + out) * num_layers``: pages are proportional
   to the adapter's true rank (no padding to a maximum rank).
