@@ -50,8 +50,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from engine.engine import Engine
     from server.app import create_app
-    from server.async_engine import run_in_fresh_thread
     from server.tenants import Tenants
+    from server.threads import run_in_fresh_thread
 
     tenants = Tenants.from_options(args.tenants, args.api_key)
 

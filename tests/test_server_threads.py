@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server.async_engine import await_in_fresh_thread, run_in_fresh_thread
+from server.threads import await_in_fresh_thread, run_in_fresh_thread
 
 
 def _whoami(x):

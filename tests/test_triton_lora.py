@@ -27,6 +27,7 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
 pytest.importorskip("triton")
 
 from kernels import lora_triton  # noqa: E402
+from kernels.bench import module_dims  # noqa: E402
 from kernels.lora import (  # noqa: E402
     GROUPS,
     LoRABatchMeta,
@@ -42,20 +43,8 @@ from kernels.lora import (  # noqa: E402
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-def dims_of(hidden, q_dim, kv_dim, inter):
-    return {
-        "q_proj": (hidden, q_dim),
-        "k_proj": (hidden, kv_dim),
-        "v_proj": (hidden, kv_dim),
-        "o_proj": (q_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
-
-
 # hidden > BLOCK_K and inter > BLOCK_N: partial reduction and output blocks; kv_dim < q_dim (GQA)
-DIMS = dims_of(80, 80, 16, 96)
+DIMS = module_dims(80, 80, 16, 96)
 ALL = tuple(DIMS)
 TARGETS = (("q_proj", "v_proj", "down_proj"), ALL, ("k_proj", "up_proj", "o_proj"))
 
@@ -171,7 +160,7 @@ def test_triton_lora_every_layer_and_big_chunk():
 def test_triton_lora_split_k_and_adapter_order():
     """K split across programs (partials summed in the expand); segments listed out of adapter
     order and the last adapter slot used by two segments."""
-    dims = dims_of(300, 32, 16, 40)
+    dims = module_dims(300, 32, 16, 40)
     case, meta = make_case([4, 16], [3, 18], dims, 1, torch.float32, 256, 3)
     segs = [(3, 6, 0), (7, 25, 1)]
     assert [(s.start, s.end, s.adapter_idx) for s in meta.segments] == segs
@@ -221,7 +210,7 @@ def test_meta_layout_follows_true_rank():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_lora_real_shapes(dtype):
     """Llama-2-7B-like shapes (GQA kv 1024) on the GPU against the torch path."""
-    dims = dims_of(4096, 4096, 1024, 11008)
+    dims = module_dims(4096, 4096, 1024, 11008)
     seg_lens = [1, 1, 40, 3, 1, 70, 2]
     case, meta = make_case([8, 64, 16, 32, 1, 64, 8], seg_lens, dims, 1, dtype, 1 << 20, 1)
     for group in GROUPS:
@@ -280,7 +269,7 @@ def test_bench_case_paths_agree():
     agree on a tiny case (and the byte counts are what the layout says)."""
     from kernels import bench
 
-    dims = dims_of(32, 32, 16, 48)
+    dims = module_dims(32, 32, 16, 48)
     case = bench.lora_case(40, 5, dims, torch.float32, DEVICE, ranks=(8, 1, 16), page_elems=96)
     assert [s.rank for s in case.meta.segments] == [8, 1, 16, 8, 1]
     assert case.weight_bytes == 4 * sum(
