@@ -71,7 +71,7 @@ class Runner:
             )  # fmt: skip
         else:
             attn = build_attention_meta(
-                query_lens, context_lens, tables, self.model.block_size, dev
+                query_lens, context_lens, tables, self.model.block_size, dev, triton_fields=False
             )
         meta = ForwardMeta(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),

@@ -81,12 +81,14 @@ def build_attention_meta(
     *,
     q_tile: int = 16,
     torch_groups: bool = True,
+    triton_fields: bool = True,
 ) -> AttentionMeta:
     """Per-step metadata. Sequence i contributes `query_lens[i]` consecutive token rows (in
     order) whose positions are `context_lens[i] - query_lens[i] ... context_lens[i] - 1`.
 
     `q_tile`: queries per Triton tile (`triton_q_tile`); `torch_groups=False` skips the padded
-    index/mask tensors that only the torch path reads (`groups` is then empty)."""
+    index/mask tensors that only the torch path reads (`groups` is then empty);
+    `triton_fields=False` skips the block tables and tiles that only the Triton path reads."""
     slot_pages, slot_offsets = [], []
     starts = []
     row = 0
@@ -116,7 +118,8 @@ def build_attention_meta(
     meta = AttentionMeta(
         torch.tensor(slot_pages, **as_long), torch.tensor(slot_offsets, **as_long), groups
     )
-    _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_tile, device)
+    if triton_fields:
+        _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_tile, device)
     return meta
 
 
