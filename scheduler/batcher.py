@@ -13,6 +13,7 @@ the queue). Requests that could never fit are refused in `add`, so the loop cann
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from dataclasses import dataclass
@@ -146,13 +147,11 @@ class Batcher:
         starving = (
             self.waiting and self.step_no - self.waiting[0].arrival_step > self.cfg.starvation_steps
         )
-        scanned = 0
-        for seq in list(self.waiting):
+        # Look at the first max_scan requests only: Python work per step stays bounded however
+        # long the queue is (a copy, since admitted requests leave the deque meanwhile).
+        for seq in list(itertools.islice(self.waiting, self.cfg.max_scan)):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
-            if scanned >= self.cfg.max_scan:
-                break
-            scanned += 1
             n = min(len(seq), budget)
             uid = seq.adapter_uid
             need = self.kv.blocks_for(n) + (
