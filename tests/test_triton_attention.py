@@ -7,12 +7,9 @@ are strided views of a pool laid out like the engine's ([pages, layers, 2, block
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +23,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         )
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
+
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 from kernels import attention_triton  # noqa: E402
 from kernels.attention import (  # noqa: E402
@@ -175,26 +174,9 @@ def test_real_shapes(dtype):
         run_case([(4096, 1), (3000, 1)], heads, kv_heads, 128, 16, dtype, 2)  # splits
 
 
-@pytest.mark.skipif(
-    not (Path(__import__("triton").__file__).parent / "backends/nvidia/bin/ptxas").exists(),
-    reason="Triton without its bundled ptxas",
-)
+@needs_ptxas
 def test_kernels_compile_for_hopper(tmp_path):
-    """AOT-compile the kernels for sm_90 with Triton's bundled ptxas (no GPU needed): catches
-    what the interpreter does not (non-constexpr globals, layouts, register spills)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = (
-        "import json; from kernels.attention_triton import compile_all; "
-        "print(json.dumps(compile_all(dtypes=('bf16',))))"
-    )
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    usage = json.loads(res.stdout.strip().splitlines()[-1])
-    assert usage and all("REG:" in u or u == "" for u in usage.values()), usage
+    assert_compiles_for_hopper("kernels.attention_triton", ("bf16",), tmp_path)
 
 
 def test_bench_decode_case():

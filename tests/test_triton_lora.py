@@ -6,12 +6,9 @@ triton is imported; the module is skipped if triton was imported earlier without
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +22,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         )
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
+
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 from kernels import lora_triton  # noqa: E402
 from kernels.bench import module_dims  # noqa: E402
@@ -242,26 +241,9 @@ def _float_views(meta):
     return LoRABatchMeta(segs)
 
 
-@pytest.mark.skipif(
-    not (Path(__import__("triton").__file__).parent / "backends/nvidia/bin/ptxas").exists(),
-    reason="Triton without its bundled ptxas",
-)
+@needs_ptxas
 def test_kernels_compile_for_hopper(tmp_path):
-    """AOT-compile the kernels for sm_90 with Triton's bundled ptxas (no GPU needed): catches
-    what the interpreter does not (non-constexpr globals, layouts, register spills)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    code = (
-        "import json; from kernels.lora_triton import compile_all; "
-        "print(json.dumps(compile_all(dtypes=('bf16', 'fp32'))))"
-    )
-    root = Path(__file__).resolve().parents[1]
-    res = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True
-    )
-    assert res.returncode == 0, res.stderr[-4000:]
-    usage = json.loads(res.stdout.strip().splitlines()[-1])
-    assert usage and all("REG:" in u or u == "" for u in usage.values()), usage
+    assert_compiles_for_hopper("kernels.lora_triton", ("bf16", "fp32"), tmp_path)
 
 
 def test_bench_case_paths_agree():
