@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from engine.config import BACKENDS, DTYPES, EngineConfig
+from engine.config import ATTENTION_BACKENDS, DTYPES, LORA_BACKENDS, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -33,11 +33,14 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-lora-rank", type=int, default=64)
     g.add_argument("--max-model-len", type=int, default=None)
     g.add_argument(
-        "--lora-backend", choices=BACKENDS, default="auto", help="auto: triton on CUDA, else torch"
+        "--lora-backend",
+        choices=LORA_BACKENDS,
+        default="auto",
+        help="auto: triton on CUDA, the C kernel (cpu) on the CPU for float32/bfloat16, else torch",
     )
     g.add_argument(
         "--attention-backend",
-        choices=BACKENDS,
+        choices=ATTENTION_BACKENDS,
         default="auto",
         help="auto: triton on CUDA, else torch",
     )

@@ -6,7 +6,10 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("auto", "torch", "triton")  # auto: triton on CUDA, torch on CPU
+# auto: triton on CUDA; on the CPU the C kernel for LoRA (float32/bfloat16) and torch otherwise.
+LORA_BACKENDS = ("auto", "torch", "triton", "cpu")
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+CPU_KERNEL_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -21,7 +24,11 @@ class EngineConfig:
         capped at 8192.
     starvation_steps: a waiting request older than this many steps is admitted before any
         younger one (cold adapters are not starved by hot ones).
-    lora_backend, attention_backend: "torch", "triton", or "auto" (triton on CUDA, else torch).
+    lora_backend: "torch", "triton", "cpu" (the C kernel of kernels/lora_cpu.py: CPU, float32
+        or bfloat16), or "auto" (triton on CUDA, cpu on the CPU where its dtype allows, else
+        torch). The engine falls back from auto's "cpu" to "torch", with a warning, only when
+        the kernel cannot be built here (no C compiler).
+    attention_backend: "torch", "triton", or "auto" (triton on CUDA, else torch).
     """
 
     model: str | None = None
@@ -54,13 +61,28 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
-        for name in ("lora_backend", "attention_backend"):
-            if getattr(self, name) not in BACKENDS:
-                raise ValueError(f"{name} must be one of {BACKENDS}, got {getattr(self, name)!r}")
+        for name, allowed in (
+            ("lora_backend", LORA_BACKENDS),
+            ("attention_backend", ATTENTION_BACKENDS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.lora_backend == "cpu" and (
+            self.device != "cpu" or self.dtype not in CPU_KERNEL_DTYPES
+        ):
+            raise ValueError(
+                f"lora_backend 'cpu' needs device 'cpu' and dtype in {CPU_KERNEL_DTYPES}, got "
+                f"{self.device!r} / {self.dtype!r}"
+            )
 
     def backend(self, name: str) -> str:
-        """The resolved backend ("torch" or "triton") of `lora` or `attention`."""
+        """The resolved backend of `lora` ("torch", "triton", "cpu") or `attention` ("torch",
+        "triton")."""
         value = getattr(self, f"{name}_backend")
-        if value == "auto":
-            return "triton" if self.device.startswith("cuda") else "torch"
-        return value
+        if value != "auto":
+            return value
+        if self.device.startswith("cuda"):
+            return "triton"
+        if name == "lora" and self.dtype in CPU_KERNEL_DTYPES:
+            return "cpu"
+        return "torch"

@@ -41,6 +41,23 @@ def default_pool_bytes(device: torch.device) -> int:
     return int(min(avail * CPU_POOL_FRACTION, CPU_POOL_CAP))
 
 
+def _lora_backend(config: EngineConfig) -> str:
+    """config.backend("lora"), checked: the C kernel must build here. auto falls back to the
+    torch path (same results, slower) with a warning; an explicit "cpu" is an error."""
+    backend = config.backend("lora")
+    if backend != "cpu":
+        return backend
+    from kernels.lora_cpu import cpu_kernel_error
+
+    error = cpu_kernel_error()
+    if error is None:
+        return backend
+    if config.lora_backend == "cpu":
+        raise RuntimeError(f"lora_backend 'cpu': {error}")
+    logger.warning("using the torch LoRA path (slower): %s", error)
+    return "torch"
+
+
 @dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine's load and memory, for metrics (cheap to take each step)."""
@@ -93,7 +110,8 @@ class Engine:
         self.store = AdapterStore(self.pool)
         self.adapters = AdapterRegistry(spec, self.store, self.pool_tensor, config.max_lora_rank)
 
-        lora_backend, attention_backend = config.backend("lora"), config.backend("attention")
+        lora_backend, attention_backend = _lora_backend(config), config.backend("attention")
+        self.backends = {"lora": lora_backend, "attention": attention_backend}
         self.model = Model(
             spec, tensors, self.pool_tensor, config.block_size, self.max_model_len,
             lora_backend, attention_backend,

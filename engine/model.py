@@ -110,6 +110,10 @@ class Model:
             from kernels.lora_triton import lora_apply_triton
 
             self.lora_apply = lora_apply_triton
+        elif lora_backend == "cpu":
+            from kernels.lora_cpu import lora_apply_cpu
+
+            self.lora_apply = lora_apply_cpu
         if attention_backend == "triton":
             from kernels.attention_triton import paged_attention_triton, write_kv_triton
 

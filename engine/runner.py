@@ -14,6 +14,7 @@ from engine.model import ForwardMeta, Model
 from engine.sampler import SamplingBatch
 from kernels.attention import build_attention_meta, triton_q_tile
 from kernels.lora import LoRABatchMeta, LoRASegment, build_triton_lora_meta
+from kernels.lora_cpu import adapter_records, build_cpu_lora_meta
 from scheduler.sequence import ScheduledBatch
 
 
@@ -33,6 +34,7 @@ class Runner:
         self.attention_backend = attention_backend
         spec = model.spec
         self.q_tile = triton_q_tile(spec.num_heads, spec.num_kv_heads)
+        self._records: dict[int, tuple[list, torch.Tensor]] = {}  # uid -> (views, records)
 
     def prepare(self, batch: ScheduledBatch) -> tuple[ForwardMeta, SamplingBatch]:
         """Items must be ordered by adapter uid (the batcher does it), so each adapter's
@@ -103,12 +105,30 @@ class Runner:
                 pool=reg.pool,
             )
             return LoRABatchMeta([], triton=tri)
-        return LoRABatchMeta(
-            [
-                LoRASegment(lo, hi, idx, info.rank, info.scale, self.adapters.views(uid))
-                for idx, ((lo, hi, uid), info) in enumerate(zip(runs, infos, strict=True))
+        segments = [
+            LoRASegment(lo, hi, idx, info.rank, info.scale, self.adapters.views(uid))
+            for idx, ((lo, hi, uid), info) in enumerate(zip(runs, infos, strict=True))
+        ]
+        if self.lora_backend == "cpu":
+            records = [
+                self._cpu_records(uid, seg.views)
+                for seg, (_, _, uid) in zip(segments, runs, strict=True)
             ]
-        )
+            return build_cpu_lora_meta(segments, records)
+        return LoRABatchMeta(segments)
+
+    def _cpu_records(self, uid: int, views: list) -> torch.Tensor:
+        """The C kernel's weight records of an adapter, cached while its views stay the same
+        (a resident adapter on contiguous pages keeps one views object until it is rewritten;
+        scattered adapters get fresh views, so fresh records, every step)."""
+        cached = self._records.get(uid)
+        if cached is not None and cached[0] is views:
+            return cached[1]
+        if len(self._records) > 2 * len(self.adapters.host) + 64:  # forget removed adapters
+            self._records = {u: r for u, r in self._records.items() if u in self.adapters.host}
+        records = adapter_records(views)
+        self._records[uid] = (views, records)
+        return records
 
     def forward(self, meta: ForwardMeta) -> torch.Tensor:
         return self.model.forward(meta)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from kernels.lora_cpu import CpuLoRAMeta
     from kernels.lora_meta import TritonLoRAMeta
 
 # Module groups: modules of one group share their input, and their outputs are slices of one
@@ -157,15 +158,21 @@ class LoRABatchMeta:
     and are never touched. `has_lora` is the host-side flag that lets a base-only batch skip
     all LoRA work without looking at any tensor. `triton` is the device metadata of the Triton
     path (`build_triton_lora_meta`); None keeps the torch path alone (`segments` may then be
-    empty on the Triton path: its chunks also set `has_lora`).
+    empty on the Triton path: its chunks also set `has_lora`). `cpu` holds the short segments
+    of the CPU kernel path (kernels/lora_cpu.py); `segments` then keeps only the long ones.
     """
 
     segments: list[LoRASegment]
     triton: TritonLoRAMeta | None = None
+    cpu: CpuLoRAMeta | None = None
 
     @property
     def has_lora(self) -> bool:
-        return bool(self.segments) or (self.triton is not None and self.triton.num_chunks > 0)
+        return (
+            bool(self.segments)
+            or self.cpu is not None
+            or (self.triton is not None and self.triton.num_chunks > 0)
+        )
 
 
 def lora_apply_torch(

@@ -1,0 +1,271 @@
+/* Batched heterogeneous-rank LoRA for the CPU: one call per (layer, module group) applies every
+ * short segment of the batch (shrink then expand), reading each adapter's weights in place from
+ * the unified pool. Built and bound by kernels/lora_cpu.py; the torch reference is
+ * kernels/lora.py (lora_apply_torch), and tests/test_lora_cpu.py checks one against the other.
+ *
+ * Contract (elements, not bytes; dtype 0 = float32, 1 = bfloat16 for x, y and the weights):
+ *   x [T, in_dim] row stride ldx, y [T, *] row stride ldy, both unit column stride.
+ *   segs [nseg, 3] int64: row_start, row_end, rank.   scales [nseg] float32.
+ *   rec [nseg, REC] int64, one record per segment for this (layer, group):
+ *     a_ptr      address of A_cat [nmod * rank, in_dim] (row-major)
+ *     nmod       targeted modules of the group (0: the segment's adapter skips this group)
+ *     b_ptr[3]   address of B_m^T [rank, hi_m - lo_m] (row-major) per targeted module
+ *     lo[3], hi[3]  the module's columns [lo, hi) in y
+ *   work: float32 scratch of at least sum_s rows_s * nmod_s * rank_s elements.
+ * Effect: y[rows_s, lo_m:hi_m] += scale_s * (x[rows_s] @ A_m^T) @ B_m^T for every segment and
+ * module; rows outside every segment are not touched. Segments must be disjoint.
+ *
+ * Arithmetic is float32 whatever the storage type; a row's result does not depend on the other
+ * rows of its segment or batch (rows are independent lanes of the same instruction sequence).
+ * Work is split into (segment, row block, A-row block) shrink items and (segment, module,
+ * column block) expand items shared by the threads of one OpenMP region.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define REC 11
+#define VL 16      /* floats per vector */
+#define STEP 32    /* elements per step: two vectors */
+#define RB 4       /* rows per register block */
+#define JB 16      /* A rows per shrink item */
+#define CW 512     /* output columns per expand item (a multiple of STEP) */
+#define PF 2       /* expand: prefetch the chunk this many rows of Bt ahead */
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* STEP elements from p + i as two float vectors. float32: elements [0, 16) and [16, 32).
+ * bfloat16: the even and the odd elements; a 32-bit load holds a pair, and a bf16 is the top
+ * half of its float32, so the split is a shift and a mask (no shuffles). Stores use the same
+ * arrangement, and a dot product does not care about the order of its terms. */
+ALWAYS_INLINE void ld2(const void *p, int64_t i, vf *lo, vf *hi, const int dt) {
+    if (dt == 0) {
+        memcpy(lo, (const float *)p + i, sizeof *lo);
+        memcpy(hi, (const float *)p + i + VL, sizeof *hi);
+    } else {
+        vu u, e, o;
+        memcpy(&u, (const uint16_t *)p + i, sizeof u);
+        e = u << 16;
+        o = u & 0xFFFF0000u;
+        memcpy(lo, &e, sizeof e);
+        memcpy(hi, &o, sizeof o);
+    }
+}
+
+/* float32 -> bfloat16 bits in the top half, round to nearest even; NaN stays a quiet NaN. */
+ALWAYS_INLINE vu round_bf16(vf f) {
+    vu u, nan = (vu)(f != f);
+    memcpy(&u, &f, sizeof u);
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (r & ~nan) | ((u | 0x400000u) & 0xFFFF0000u & nan);
+}
+
+ALWAYS_INLINE void st2(void *p, int64_t i, vf lo, vf hi, const int dt) {
+    if (dt == 0) {
+        memcpy((float *)p + i, &lo, sizeof lo);
+        memcpy((float *)p + i + VL, &hi, sizeof hi);
+    } else {
+        vu u = (round_bf16(lo) >> 16) | round_bf16(hi);
+        memcpy((uint16_t *)p + i, &u, sizeof u);
+    }
+}
+
+ALWAYS_INLINE float lds(const void *p, int64_t i, const int dt) {
+    if (dt == 0) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+ALWAYS_INLINE void sts(void *p, int64_t i, float f, const int dt) {
+    if (dt == 0) {
+        ((float *)p)[i] = f;
+    } else {
+        vf v = (vf){0} + f;
+        ((uint16_t *)p)[i] = (uint16_t)(round_bf16(v)[0] >> 16);
+    }
+}
+
+/* Ask for the cache lines of STEP elements at p + i (rows of Bt are strided chunks, which the
+ * hardware prefetchers follow late). */
+ALWAYS_INLINE void prefetch(const void *p, int64_t i, const int dt) {
+    const char *c = dt == 0 ? (const char *)((const float *)p + i) : (const char *)((const uint16_t *)p + i);
+    __builtin_prefetch(c);
+    if (dt == 0) __builtin_prefetch(c + 64);
+}
+
+ALWAYS_INLINE float hsum(vf v) {
+    float s = 0.f;
+    for (int l = 0; l < VL; l++) s += v[l];
+    return s;
+}
+
+/* v[i * cols + j] = scale * dot(A[j], x[row0 + i]) for i < ROWS, j in [j0, j1). */
+ALWAYS_INLINE void shrink_block(const void *x, int64_t ldx, int64_t row0, const void *A,
+                                int in_dim, int j0, int j1, float scale, float *v, int cols,
+                                const int ROWS, const int dt) {
+    const int nv = in_dim / STEP * STEP;
+    for (int j = j0; j < j1; j++) {
+        const int64_t a0 = (int64_t)j * in_dim;
+        vf acc[RB];
+        for (int i = 0; i < ROWS; i++) acc[i] = (vf){0};
+        for (int k = 0; k < nv; k += STEP) {
+            vf a_lo, a_hi, x_lo, x_hi;
+            ld2(A, a0 + k, &a_lo, &a_hi, dt);
+            for (int i = 0; i < ROWS; i++) {
+                ld2(x, (row0 + i) * ldx + k, &x_lo, &x_hi, dt);
+                acc[i] += a_lo * x_lo + a_hi * x_hi;
+            }
+        }
+        for (int i = 0; i < ROWS; i++) {
+            float s = hsum(acc[i]);
+            for (int k = nv; k < in_dim; k++)
+                s += lds(A, a0 + k, dt) * lds(x, (row0 + i) * ldx + k, dt);
+            v[(int64_t)i * cols + j] = s * scale;
+        }
+    }
+}
+
+/* y[row0 + i, col0 + n] += sum_k v[i * cols + k] * Bt[k, n0 + n] for n < width, i < ROWS.
+ * Rows of Bt are read front to back (a stream the prefetchers follow); the sums stay in an L1
+ * buffer (in ld2's arrangement) and y is read and written once. */
+ALWAYS_INLINE void expand_block(const float *v, int cols, int rank, const void *Bt, int64_t ldb,
+                                int n0, int width, void *y, int64_t ldy, int64_t row0,
+                                int64_t col0, const int ROWS, const int dt) {
+    vf acc[RB][CW / VL];
+    const int nv = width / STEP * STEP;
+    float tail[RB][STEP];
+    for (int i = 0; i < ROWS; i++) {
+        for (int q = 0; q < nv / VL; q++) acc[i][q] = (vf){0};
+        for (int n = 0; n < width - nv; n++) tail[i][n] = 0.f;
+    }
+    for (int k = 0; k < rank; k++) {
+        const int64_t b0 = (int64_t)k * ldb + n0;
+        float c[RB];
+        for (int i = 0; i < ROWS; i++) c[i] = v[(int64_t)i * cols + k];
+        const int64_t ahead = k + PF < rank ? PF * ldb : 0;  /* a later row's chunk */
+        for (int n = 0; n < nv; n += STEP) {
+            vf b_lo, b_hi;
+            prefetch(Bt, b0 + ahead + n, dt);
+            ld2(Bt, b0 + n, &b_lo, &b_hi, dt);
+            for (int i = 0; i < ROWS; i++) {
+                acc[i][n / VL] += c[i] * b_lo;
+                acc[i][n / VL + 1] += c[i] * b_hi;
+            }
+        }
+        for (int n = nv; n < width; n++) {
+            const float b = lds(Bt, b0 + n, dt);
+            for (int i = 0; i < ROWS; i++) tail[i][n - nv] += c[i] * b;
+        }
+    }
+    for (int i = 0; i < ROWS; i++) {
+        const int64_t y0 = (row0 + i) * ldy + col0;
+        for (int n = 0; n < nv; n += STEP) {
+            vf y_lo, y_hi;
+            ld2(y, y0 + n, &y_lo, &y_hi, dt);
+            st2(y, y0 + n, y_lo + acc[i][n / VL], y_hi + acc[i][n / VL + 1], dt);
+        }
+        for (int n = nv; n < width; n++) sts(y, y0 + n, lds(y, y0 + n, dt) + tail[i][n - nv], dt);
+    }
+}
+
+#define BY_ROWS(nr, CALL)      \
+    switch (nr) {              \
+        case 1: CALL(1); break; \
+        case 2: CALL(2); break; \
+        case 3: CALL(3); break; \
+        default: CALL(4); break; \
+    }
+
+typedef struct {
+    int32_t seg, a, b; /* shrink: row block, A-row block; expand: module, column block */
+} item_t;
+
+ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
+                                int32_t nseg, const int64_t *segs, const int64_t *rec,
+                                const float *scales, float *work, int32_t nthreads,
+                                const int dt) {
+    int64_t *voff = malloc(sizeof(int64_t) * (nseg + 1));
+    int64_t n_shrink = 0, n_expand = 0;
+    if (!voff) return -1;
+    voff[0] = 0;
+    for (int s = 0; s < nseg; s++) {
+        const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
+        const int64_t nmod = rec[REC * s + 1], cols = nmod * rank;
+        voff[s + 1] = voff[s] + rows * cols;
+        if (nmod == 0) continue;
+        n_shrink += ((rows + RB - 1) / RB) * ((cols + JB - 1) / JB);
+        for (int m = 0; m < nmod; m++)
+            n_expand += (rec[REC * s + 8 + m] - rec[REC * s + 5 + m] + CW - 1) / CW;
+    }
+    item_t *items = malloc(sizeof(item_t) * (n_shrink + n_expand + 1));
+    if (!items) {
+        free(voff);
+        return -1;
+    }
+    int64_t ns = 0, ne = n_shrink;
+    for (int s = 0; s < nseg; s++) {
+        const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
+        const int64_t nmod = rec[REC * s + 1], cols = nmod * rank;
+        if (nmod == 0) continue;
+        for (int r = 0; r < (rows + RB - 1) / RB; r++)
+            for (int j = 0; j < (cols + JB - 1) / JB; j++) items[ns++] = (item_t){s, r, j};
+        for (int m = 0; m < nmod; m++) {
+            const int64_t w = rec[REC * s + 8 + m] - rec[REC * s + 5 + m];
+            for (int c = 0; c < (w + CW - 1) / CW; c++) items[ne++] = (item_t){s, m, c};
+        }
+    }
+
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < n_shrink; it++) {
+            const item_t t = items[it];
+            const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
+            const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
+            const int64_t row0 = sg[0] + (int64_t)t.a * RB;
+            const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+            const int j0 = t.b * JB, j1 = j0 + JB < cols ? j0 + JB : cols;
+            float *v = work + voff[t.seg] + (int64_t)t.a * RB * cols;
+            const void *A = (const void *)(intptr_t)rc[0];
+#define SHRINK(R) shrink_block(x, ldx, row0, A, in_dim, j0, j1, scales[t.seg], v, cols, R, dt)
+            BY_ROWS(nr, SHRINK)
+#undef SHRINK
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = n_shrink; it < n_shrink + n_expand; it++) {
+            const item_t t = items[it];
+            const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
+            const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
+            const int64_t lo = rc[5 + t.a], w = rc[8 + t.a] - lo;
+            const int n0 = t.b * CW, width = (int)(n0 + CW < w ? CW : w - n0);
+            const void *Bt = (const void *)(intptr_t)rc[2 + t.a];
+            for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
+                const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+                const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
+#define EXPAND(R) expand_block(v, cols, rank, Bt, w, n0, width, y, ldy, row0, lo + n0, R, dt)
+                BY_ROWS(nr, EXPAND)
+#undef EXPAND
+            }
+        }
+    }
+    free(items);
+    free(voff);
+    return 0;
+}
+
+int lora_segments_f32(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
+                      int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
+                      float *work, int32_t nthreads) {
+    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads, 0);
+}
+
+int lora_segments_bf16(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
+                       int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
+                       float *work, int32_t nthreads) {
+    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads, 1);
+}

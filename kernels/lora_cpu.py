@@ -1,0 +1,239 @@
+"""Batched multi-adapter LoRA on the CPU: a small C kernel (kernels/lora_cpu.c) bound by ctypes.
+
+Why: on the CPU the torch path (`lora_apply_torch`) issues one shrink and one expand per
+(adapter segment, layer, module); at decode each covers a row or two, so a step of 8 adapters is
+~700 tiny matmuls whose fixed cost dominates. The kernel applies every short segment of one
+(layer, group) in one call, reading each adapter's weights in place (the same blobs, at their
+true rank), threaded over (segment, block) work items in one OpenMP region.
+
+Segments longer than `max_rows` (prefill chunks) stay on the torch path, where MKL's GEMMs are
+faster than this kernel; a step may use both. float32 and bfloat16; float16 uses the torch path.
+
+The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
+`cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
+`cpu_kernel_error()` says why it cannot be used (no compiler, build failure); callers choose.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("lora_cpu.c")
+REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
+MAX_MODULES = max(len(m) for m in GROUPS.values())
+DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
+MAX_ROWS = 16  # longer segments go to the torch path
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the machine and the CPU's feature flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()}|{flags}"
+
+
+def _compile(cc: str, out: Path) -> None:
+    base = [cc, "-O3", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(out)]
+    errors = []
+    for extra in (["-march=native"], []):
+        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            return
+        errors.append(proc.stderr.strip()[-2000:])
+    raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n" + "\n".join(errors))
+
+
+def _load() -> ctypes.CDLL:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    key = hashlib.sha256(
+        SOURCE.read_bytes() + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
+    path = cache / f"lora_cpu-{key}.so"
+    if not path.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".lora_cpu-", suffix=".so", dir=cache)
+        os.close(fd)
+        try:
+            _compile(cc, Path(tmp))
+            os.replace(tmp, path)  # atomic: a concurrent builder's identical file may win
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        logger.info("built the CPU LoRA kernel: %s", path)
+    lib = ctypes.CDLL(str(path))
+    for name in ("lora_segments_f32", "lora_segments_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        fn.argtypes = [
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
+            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+            ctypes.c_int32,
+        ]  # fmt: skip
+    return lib
+
+
+def library() -> ctypes.CDLL:
+    """The compiled kernel library (built on first use). RuntimeError says why it is not."""
+    global _lib, _error
+    with _lock:
+        if _lib is None and _error is None:
+            try:
+                _lib = _load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _error = str(e)
+        if _lib is None:
+            raise RuntimeError(f"CPU LoRA kernel unavailable: {_error}")
+        return _lib
+
+
+def cpu_kernel_error() -> str | None:
+    """None when the kernel can be used here, else the reason."""
+    try:
+        library()
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def adapter_records(views: list[dict[str, GroupViews]]) -> torch.Tensor:
+    """[num_layers, len(GROUPS), REC] int64 records of one adapter (see lora_cpu.c): weight
+    addresses of its views (valid while those views' storage lives) and output columns."""
+    recs = torch.zeros(len(views), len(GROUPS), REC, dtype=torch.int64)
+    for layer, groups in enumerate(views):
+        for gi, name in enumerate(GROUPS):
+            g = groups.get(name)
+            if g is None:
+                continue  # nmod 0: this adapter skips the group
+            row = [g.a_t.data_ptr(), len(g.b_t)] + [0] * (3 * MAX_MODULES)
+            for m, (bt, (lo, hi)) in enumerate(zip(g.b_t, g.out_slices, strict=True)):
+                row[2 + m] = bt.data_ptr()
+                row[2 + MAX_MODULES + m] = lo
+                row[2 + 2 * MAX_MODULES + m] = hi
+            recs[layer, gi] = torch.tensor(row, dtype=torch.int64)
+    return recs
+
+
+@dataclass
+class CpuLoRAMeta:
+    """One step's kernel inputs for the short segments (host tensors, kept alive by the meta).
+
+    segs [S, 3] int64 (row_start, row_end, rank); scales [S] float32;
+    records [num_layers, len(GROUPS), S, REC] int64; work: float32 scratch, big enough for the
+    widest group; keep: tensors whose storage the records point into (the adapters' views).
+    The plain ints are what each call passes (computed once per step: a call is ~30 per step).
+    """
+
+    segs: torch.Tensor
+    scales: torch.Tensor
+    records: torch.Tensor
+    work: torch.Tensor
+    keep: list[torch.Tensor]
+    num_segs: int = 0
+    segs_ptr: int = 0
+    scales_ptr: int = 0
+    work_ptr: int = 0
+    record_ptrs: tuple[tuple[int, ...], ...] = ()  # [layer][group position]
+    num_threads: int = 1
+
+    def __post_init__(self) -> None:
+        L, G, S, _ = self.records.shape
+        base, stride = self.records.data_ptr(), S * REC * self.records.element_size()
+        self.num_segs = S
+        self.segs_ptr = self.segs.data_ptr()
+        self.scales_ptr = self.scales.data_ptr()
+        self.work_ptr = self.work.data_ptr()
+        self.record_ptrs = tuple(
+            tuple(base + (layer * G + g) * stride for g in range(G)) for layer in range(L)
+        )
+        self.num_threads = torch.get_num_threads()
+
+
+def build_cpu_lora_meta(
+    segments: list[LoRASegment], records: list[torch.Tensor], *, max_rows: int = MAX_ROWS
+) -> LoRABatchMeta:
+    """Split a step's segments: those of at most `max_rows` rows go to the kernel (`records[i]`
+    = `adapter_records(segments[i].views)`), longer ones stay on the torch path."""
+    short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
+    long = [s for s in segments if s.end - s.start > max_rows]
+    if not short:
+        return LoRABatchMeta(long)
+    segs = torch.tensor(
+        [[segments[i].start, segments[i].end, segments[i].rank] for i in short], dtype=torch.int64
+    )
+    work = sum((segments[i].end - segments[i].start) * segments[i].rank for i in short)
+    meta = CpuLoRAMeta(
+        segs=segs,
+        scales=torch.tensor([float(segments[i].scale) for i in short], dtype=torch.float32),
+        records=torch.stack([records[i] for i in short], dim=2).contiguous(),
+        work=torch.empty(work * MAX_MODULES, dtype=torch.float32),
+        keep=[segments[i].views[0][next(iter(segments[i].views[0]))].a_t for i in short],
+    )
+    return LoRABatchMeta(long, cpu=meta)
+
+
+def lora_apply_cpu(
+    x: torch.Tensor, y: torch.Tensor, layer: int, group: str, meta: LoRABatchMeta
+) -> None:
+    """Same effect as `lora_apply_torch` (y[rows, slice_m] += scale * x A_m^T B_m^T in place),
+    short segments through the kernel and long ones through torch.
+
+    x: [T, in] group input; y: [T, out_total] fused base output (unit column stride, modified).
+    """
+    cpu = meta.cpu
+    if cpu is not None:
+        fn = _kernel(y.dtype)
+        if x.dtype != y.dtype or y.stride(1) != 1 or y.device.type != "cpu":
+            raise ValueError(f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())}")
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        rc = fn(
+            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], cpu.num_segs,
+            cpu.segs_ptr, cpu.record_ptrs[layer][GROUP_POS[group]], cpu.scales_ptr,
+            cpu.work_ptr, cpu.num_threads,
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("CPU LoRA kernel: out of memory for its work list")
+    if meta.segments:
+        lora_apply_torch(x, y, layer, group, meta)
+
+
+GROUP_POS = {name: i for i, name in enumerate(GROUPS)}
+_FUNCS: dict[torch.dtype, ctypes._CFuncPtr] = {}
+
+
+def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
+    fn = _FUNCS.get(dtype)
+    if fn is None:
+        if dtype not in DTYPES:
+            raise ValueError(f"CPU LoRA kernel: no {dtype} version (float32, bfloat16)")
+        fn = _FUNCS[dtype] = getattr(library(), f"lora_segments_{DTYPES[dtype]}")
+    return fn

@@ -1,0 +1,235 @@
+"""The CPU LoRA kernel (kernels/lora_cpu.c via kernels/lora_cpu.py) against the per-token
+reference and the torch path; its build and fallback rules."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import random
+
+import pytest
+import torch
+
+import kernels.lora_cpu as lora_cpu
+from engine import LLM
+from engine.config import EngineConfig
+from kernels.lora import (
+    GROUPS,
+    LoRABatchMeta,
+    LoRASegment,
+    blob_views,
+    lora_apply_torch,
+    lora_layout,
+    lora_reference,
+    pack_blob,
+)
+from kernels.lora_cpu import MAX_ROWS, adapter_records, build_cpu_lora_meta, lora_apply_cpu
+
+# Widths chosen to hit the kernel's tails: KV_DIM and INTER are not multiples of its 32-element
+# step, and INTER is wider than one 512-column expand item.
+HIDDEN, Q_DIM, KV_DIM, INTER, LAYERS = 96, 96, 40, 600, 2
+DIMS = {
+    "q_proj": (HIDDEN, Q_DIM),
+    "k_proj": (HIDDEN, KV_DIM),
+    "v_proj": (HIDDEN, KV_DIM),
+    "o_proj": (Q_DIM, HIDDEN),
+    "gate_proj": (HIDDEN, INTER),
+    "up_proj": (HIDDEN, INTER),
+    "down_proj": (INTER, HIDDEN),
+}
+ALL = tuple(DIMS)
+GROUP_DIMS = {"qkv": (HIDDEN, Q_DIM + 2 * KV_DIM), "o": (Q_DIM, HIDDEN),
+              "gate_up": (HIDDEN, 2 * INTER), "down": (INTER, HIDDEN)}  # fmt: skip
+
+
+def _batch(specs, dtype, gen, n_base=2):
+    """specs: (rank, targets, rows) per adapter. Returns (segments, weights, token_adapter, keep)
+    with every adapter's blob packed in one shared pool tensor (gaps between them)."""
+    layouts, weights = [], []
+    for rank, targets, _ in specs:
+        A = {(l, m): torch.randn(rank, DIMS[m][0], generator=gen) / 4 for l in range(LAYERS)
+             for m in targets}  # fmt: skip
+        B = {(l, m): torch.randn(DIMS[m][1], rank, generator=gen) / 4 for l in range(LAYERS)
+             for m in targets}  # fmt: skip
+        layouts.append(lora_layout(rank, targets, LAYERS, DIMS))
+        weights.append((A, B, 0.5 + rank / 16))
+    pool = torch.zeros(sum(lay.num_elems + 7 for lay in layouts), dtype=dtype)
+    segments, token_adapter, offset, row = [], [-1] * n_base, 0, n_base
+    for idx, ((rank, _, rows), lay, (A, B, scale)) in enumerate(
+        zip(specs, layouts, weights, strict=True)
+    ):
+        blob = pool[offset + 7 : offset + 7 + lay.num_elems]
+        pack_blob(lay, A, B, blob)
+        offset += lay.num_elems + 7
+        segments.append(LoRASegment(row, row + rows, idx, rank, scale, blob_views(lay, blob)))
+        token_adapter += [idx] * rows
+        row += rows
+    return segments, weights, token_adapter, pool
+
+
+def _reference(x, layer, group, weights, token_adapter, dtype):
+    """Per-token float32 delta of the group's fused output (modules an adapter lacks: 0)."""
+    out = torch.zeros(x.shape[0], GROUP_DIMS[group][1])
+    lo = 0
+    for m in GROUPS[group]:
+        width = DIMS[m][1]
+        As, Bs = [], []
+        for A, B, _ in weights:
+            key = (layer, m)
+            As.append(A[key].to(dtype) if key in A else torch.zeros(1, DIMS[m][0], dtype=dtype))
+            Bs.append(B[key].to(dtype) if key in B else torch.zeros(width, 1, dtype=dtype))
+        out[:, lo : lo + width] = lora_reference(
+            x, token_adapter, As, Bs, [s for _, _, s in weights]
+        )
+        lo += width
+    return out
+
+
+def _check_against_reference(segments, weights, token_adapter, meta, dtype, gen):
+    T = len(token_adapter)
+    for layer in range(LAYERS):
+        for group, (d_in, d_out) in GROUP_DIMS.items():
+            x = torch.randn(T, d_in, generator=gen).to(dtype)
+            y0 = torch.randn(T, d_out, generator=gen).to(dtype)
+            y = y0.clone()
+            lora_apply_cpu(x, y, layer, group, meta)
+            want = y0.float() + _reference(x, layer, group, weights, token_adapter, dtype)
+            base = [t for t, a in enumerate(token_adapter) if a < 0]
+            assert torch.equal(y[base], y0[base]), "base-only rows were touched"
+            if dtype == torch.float32:
+                scale = want.abs().max().item()  # float32 sums differ in order only
+                torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * scale)
+            else:  # one bf16 rounding of a float32 sum
+                tol = want.abs() * 2**-8 + 1e-2
+                assert ((y.float() - want).abs() <= tol).all(), f"layer {layer} {group}"
+
+
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("num_adapters", [1, 3, 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_reference(rank, num_adapters, dtype):
+    gen = torch.Generator().manual_seed(rank * 100 + num_adapters)
+    rng = random.Random(rank + num_adapters)
+    specs = []
+    for idx in range(num_adapters):
+        r = rank if idx % 2 == 0 else max(1, rank // 2 + idx % 3)  # mixed ranks
+        targets = ALL if idx % 3 else ("q_proj", "v_proj", "down_proj")  # some skip groups
+        specs.append((r, targets, rng.randint(1, MAX_ROWS)))
+    segments, weights, token_adapter, _ = _batch(specs, dtype, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    assert meta.cpu is not None and meta.segments == [] and meta.has_lora
+    _check_against_reference(segments, weights, token_adapter, meta, dtype, gen)
+
+
+def test_long_segments_stay_on_the_torch_path():
+    gen = torch.Generator().manual_seed(3)
+    specs = [(8, ALL, MAX_ROWS + 5), (16, ALL, 2), (4, ALL, MAX_ROWS), (32, ALL, 40)]
+    segments, weights, token_adapter, _ = _batch(specs, torch.float32, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    assert [s.adapter_idx for s in meta.segments] == [0, 3]
+    assert meta.cpu.segs[:, 2].tolist() == [16, 4]
+    _check_against_reference(segments, weights, token_adapter, meta, torch.float32, gen)
+    only_long = build_cpu_lora_meta(segments[:1], [adapter_records(segments[0].views)])
+    assert only_long.cpu is None and len(only_long.segments) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_rows_result_does_not_depend_on_its_neighbours(dtype):
+    """Bitwise: row results are independent lanes (the engine's batch invariance leans on it)."""
+    gen = torch.Generator().manual_seed(5)
+    segments, _, _, _ = _batch([(16, ALL, 7), (8, ALL, 1)], dtype, gen, n_base=1)
+    records = [adapter_records(s.views) for s in segments]
+    x = torch.randn(9, HIDDEN, generator=gen).to(dtype)
+    y0 = torch.randn(9, 2 * INTER, generator=gen).to(dtype)
+    together = y0.clone()
+    lora_apply_cpu(x, together, 1, "gate_up", build_cpu_lora_meta(segments, records))
+    for row in range(1, 8):  # each row of the 7-row segment alone, in a batch of one row
+        seg = LoRASegment(0, 1, 0, 16, segments[0].scale, segments[0].views)
+        alone = y0[row : row + 1].clone()
+        meta = build_cpu_lora_meta([seg], [records[0]])
+        lora_apply_cpu(x[row : row + 1], alone, 1, "gate_up", meta)
+        assert torch.equal(alone[0], together[row]), f"row {row}"
+
+
+def test_records_keep_gathered_copies_alive():
+    """Scattered adapters get views over a per-step gathered copy; the meta must keep it."""
+    gen = torch.Generator().manual_seed(9)
+    segments, weights, token_adapter, pool = _batch([(8, ALL, 3)], torch.float32, gen)
+    lay = lora_layout(8, ALL, LAYERS, DIMS)
+    gathered = pool[7 : 7 + lay.num_elems].clone()
+    seg = LoRASegment(2, 5, 0, 8, segments[0].scale, blob_views(lay, gathered))
+    meta = build_cpu_lora_meta([seg], [adapter_records(seg.views)])
+    del seg, gathered
+    pool.zero_()  # the kernel must read the copy, not the pool
+    gc.collect()
+    _check_against_reference(segments, weights, token_adapter, meta, torch.float32, gen)
+
+
+def test_matches_torch_path_on_a_mixed_step():
+    gen = torch.Generator().manual_seed(21)
+    specs = [(64, ALL, 1), (1, ALL, 3), (16, ("o_proj",), 2), (8, ALL, 30)]
+    segments, _, token_adapter, _ = _batch(specs, torch.float32, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    for group, (d_in, d_out) in GROUP_DIMS.items():
+        x = torch.randn(len(token_adapter), d_in, generator=gen)
+        y_cpu, y_torch = torch.zeros(x.shape[0], d_out), torch.zeros(x.shape[0], d_out)
+        lora_apply_cpu(x, y_cpu, 0, group, meta)
+        lora_apply_torch(x, y_torch, 0, group, LoRABatchMeta(segments))
+        torch.testing.assert_close(y_cpu, y_torch, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_inputs_are_refused():
+    gen = torch.Generator().manual_seed(1)
+    segments, _, _, _ = _batch([(4, ALL, 2)], torch.float32, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(segments[0].views)])
+    x = torch.randn(4, HIDDEN)
+    with pytest.raises(ValueError, match="float16"):
+        lora_apply_cpu(x.half(), torch.zeros(4, HIDDEN, dtype=torch.float16), 0, "o", meta)
+    with pytest.raises(ValueError, match="unsupported y"):
+        lora_apply_cpu(x, torch.zeros(HIDDEN, 4).t(), 0, "o", meta)
+
+
+def test_config_resolves_and_validates_the_cpu_backend():
+    assert EngineConfig(device="cpu").backend("lora") == "cpu"
+    assert EngineConfig(device="cpu", dtype="bfloat16").backend("lora") == "cpu"
+    assert EngineConfig(device="cpu", dtype="float16").backend("lora") == "torch"
+    assert EngineConfig(device="cuda").backend("lora") == "triton"
+    assert EngineConfig(device="cpu").backend("attention") == "torch"
+    with pytest.raises(ValueError, match="lora_backend 'cpu' needs"):
+        EngineConfig(device="cpu", dtype="float16", lora_backend="cpu")
+    with pytest.raises(ValueError, match="lora_backend 'cpu' needs"):
+        EngineConfig(device="cuda", lora_backend="cpu")
+    with pytest.raises(ValueError, match="attention_backend"):
+        EngineConfig(attention_backend="cpu")
+
+
+def test_without_a_compiler_auto_falls_back_and_cpu_fails(
+    tiny_llama, monkeypatch, tmp_path, caplog
+):
+    monkeypatch.setattr(lora_cpu, "_lib", None)
+    monkeypatch.setattr(lora_cpu, "_error", None)
+    monkeypatch.setattr(lora_cpu, "_FUNCS", {})
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    assert "no-such-cc" in lora_cpu.cpu_kernel_error()
+    assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-written library
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=4 << 20)
+    assert llm.engine.backends["lora"] == "torch"
+    assert "torch LoRA path" in caplog.text and "no-such-cc" in caplog.text
+    with pytest.raises(RuntimeError, match="lora_backend 'cpu'.*no-such-cc"):
+        LLM(tiny_llama["model_dir"], pool_bytes=4 << 20, lora_backend="cpu")
+
+
+def test_library_is_built_once_per_cache(monkeypatch, tmp_path):
+    monkeypatch.setattr(lora_cpu, "_lib", None)
+    monkeypatch.setattr(lora_cpu, "_error", None)
+    monkeypatch.setattr(lora_cpu, "_FUNCS", {})
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    assert lora_cpu.cpu_kernel_error() is None
+    (built,) = (tmp_path / "kernels").iterdir()
+    mtime = built.stat().st_mtime_ns
+    monkeypatch.setattr(lora_cpu, "_lib", None)
+    assert lora_cpu.cpu_kernel_error() is None
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
+    assert built.stat().st_mtime_ns == mtime
