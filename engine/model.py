@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from engine.layers import Rotary, apply_rotary, rms_norm
 from engine.loader import ModelSpec, module_path
 from kernels.attention import AttentionMeta, paged_attention, write_kv
+from kernels.linear import Linear
 from kernels.lora import LoRABatchMeta, lora_apply_torch
 
 
@@ -33,15 +34,11 @@ class ForwardMeta:
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor
-    qkv: torch.Tensor  # [q_dim + 2 * kv_dim, hidden]
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [hidden, q_dim]
-    o_bias: torch.Tensor | None
+    qkv: Linear  # hidden -> q_dim + 2 * kv_dim
+    o: Linear  # q_dim -> hidden
     post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * inter, hidden]
-    gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [hidden, inter]
-    down_bias: torch.Tensor | None
+    gate_up: Linear  # hidden -> 2 * inter
+    down: Linear  # inter -> hidden
 
 
 class Model:
@@ -62,7 +59,8 @@ class Model:
         t = tensors
         self.embed = t["model.embed_tokens.weight"]
         self.norm = t["model.norm.weight"]
-        self.lm_head = self.embed if spec.tie_word_embeddings else t["lm_head.weight"]
+        tied = spec.tie_word_embeddings
+        self.lm_head = Linear(self.embed if tied else t["lm_head.weight"], None, shared=tied)
         self.layers: list[LayerWeights] = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
@@ -78,15 +76,11 @@ class Model:
             self.layers.append(
                 LayerWeights(
                     input_norm=t[f"{p}input_layernorm.weight"],
-                    qkv=torch.cat(att).contiguous(),
-                    qkv_bias=bias("q_proj", "k_proj", "v_proj"),
-                    o=t[f"{p}self_attn.o_proj.weight"],
-                    o_bias=bias("o_proj"),
+                    qkv=Linear(torch.cat(att), bias("q_proj", "k_proj", "v_proj")),
+                    o=Linear(t[f"{p}self_attn.o_proj.weight"], bias("o_proj")),
                     post_norm=t[f"{p}post_attention_layernorm.weight"],
-                    gate_up=torch.cat(mlp).contiguous(),
-                    gate_up_bias=bias("gate_proj", "up_proj"),
-                    down=t[f"{p}mlp.down_proj.weight"],
-                    down_bias=bias("down_proj"),
+                    gate_up=Linear(torch.cat(mlp), bias("gate_proj", "up_proj")),
+                    down=Linear(t[f"{p}mlp.down_proj.weight"], bias("down_proj")),
                 )
             )
         self.rotary = Rotary(
@@ -130,7 +124,7 @@ class Model:
         h = self.embed[meta.input_ids]  # [T, hidden]
         for i, w in enumerate(self.layers):
             x = rms_norm(h, w.input_norm, spec.rms_norm_eps)
-            qkv = F.linear(x, w.qkv, w.qkv_bias)  # [T, q_dim + 2 kv_dim]
+            qkv = w.qkv(x)  # [T, q_dim + 2 kv_dim]
             if lora:
                 self.lora_apply(x, qkv, i, "qkv", lora)
             q = qkv[:, :q_dim].view(-1, spec.num_heads, spec.head_dim)
@@ -140,18 +134,18 @@ class Model:
             self.write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
             o = self.attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
             o = o.reshape(-1, q_dim)
-            attn_out = F.linear(o, w.o, w.o_bias)
+            attn_out = w.o(o)
             if lora:
                 self.lora_apply(o, attn_out, i, "o", lora)
             h = h + attn_out
             x = rms_norm(h, w.post_norm, spec.rms_norm_eps)
-            gu = F.linear(x, w.gate_up, w.gate_up_bias)  # [T, 2 inter]
+            gu = w.gate_up(x)  # [T, 2 inter]
             if lora:
                 self.lora_apply(x, gu, i, "gate_up", lora)
             a = F.silu(gu[:, :inter]) * gu[:, inter:]
-            mlp_out = F.linear(a, w.down, w.down_bias)
+            mlp_out = w.down(a)
             if lora:
                 self.lora_apply(a, mlp_out, i, "down", lora)
             h = h + mlp_out
         h = rms_norm(h[meta.sample_rows], self.norm, spec.rms_norm_eps)
-        return F.linear(h, self.lm_head).float()
+        return self.lm_head(h).float()

@@ -23,6 +23,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 #define REC 11
 #define VL 16      /* floats per vector */
@@ -31,6 +34,8 @@
 #define JB 16      /* A rows per shrink item */
 #define CW 512     /* output columns per expand item (a multiple of STEP) */
 #define PF 2       /* expand: prefetch the chunk this many rows of Bt ahead */
+#define STRIP 64   /* expand of long segments: output columns held in registers */
+#define LONG_ROWS 8 /* segments of at least this many rows use the register strips */
 
 typedef float vf __attribute__((vector_size(VL * 4)));
 typedef uint32_t vu __attribute__((vector_size(VL * 4)));
@@ -98,34 +103,70 @@ ALWAYS_INLINE void prefetch(const void *p, int64_t i, const int dt) {
     if (dt == 0) __builtin_prefetch(c + 64);
 }
 
+/* Sum of the 16 lanes as a fixed tree (a serial chain would cost 16 dependent adds). */
 ALWAYS_INLINE float hsum(vf v) {
-    float s = 0.f;
-    for (int l = 0; l < VL; l++) s += v[l];
-    return s;
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 lo8, hi8;
+    memcpy(&lo8, &v, sizeof lo8);
+    memcpy(&hi8, (const char *)&v + sizeof lo8, sizeof hi8);
+    v8 s8 = lo8 + hi8;
+    v4 lo4, hi4;
+    memcpy(&lo4, &s8, sizeof lo4);
+    memcpy(&hi4, (const char *)&s8 + sizeof lo4, sizeof hi4);
+    v4 s4 = lo4 + hi4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-/* v[i * cols + j] = scale * dot(A[j], x[row0 + i]) for i < ROWS, j in [j0, j1). */
+/* acc[jj][i] += A[j + jj, k:k+STEP] . x[row0 + i, k:k+STEP] for jj < JJ, i < ROWS: each A chunk is
+ * used by every row and each x chunk by every A row. bfloat16 on CPUs with AVX512-BF16: one
+ * vdpbf16ps per pair (exact products, float32 sums) and no conversion. */
+ALWAYS_INLINE void dot_step(const void *x, int64_t ldx, int64_t row0, const void *A, int64_t a0,
+                            int in_dim, int k, vf acc[2][RB], const int JJ, const int ROWS,
+                            const int dt) {
+#if defined(__AVX512BF16__)
+    if (dt == 1) {
+        __m512bh a[2], xv[RB];
+        for (int jj = 0; jj < JJ; jj++)
+            a[jj] = (__m512bh)_mm512_loadu_si512((const uint16_t *)A + a0 + (int64_t)jj * in_dim + k);
+        for (int i = 0; i < ROWS; i++)
+            xv[i] = (__m512bh)_mm512_loadu_si512((const uint16_t *)x + (row0 + i) * ldx + k);
+        for (int jj = 0; jj < JJ; jj++)
+            for (int i = 0; i < ROWS; i++)
+                acc[jj][i] = (vf)_mm512_dpbf16_ps((__m512)acc[jj][i], a[jj], xv[i]);
+        return;
+    }
+#endif
+    vf a_lo[2], a_hi[2], x_lo[RB], x_hi[RB];
+    for (int jj = 0; jj < JJ; jj++) ld2(A, a0 + (int64_t)jj * in_dim + k, &a_lo[jj], &a_hi[jj], dt);
+    for (int i = 0; i < ROWS; i++) ld2(x, (row0 + i) * ldx + k, &x_lo[i], &x_hi[i], dt);
+    for (int jj = 0; jj < JJ; jj++)
+        for (int i = 0; i < ROWS; i++) acc[jj][i] += a_lo[jj] * x_lo[i] + a_hi[jj] * x_hi[i];
+}
+
+/* v[i * cols + j] = scale * dot(A[j], x[row0 + i]) for i < ROWS, j in [j0, j1). A rows are
+ * taken two at a time (JJ = 2; a last odd one alone). */
 ALWAYS_INLINE void shrink_block(const void *x, int64_t ldx, int64_t row0, const void *A,
                                 int in_dim, int j0, int j1, float scale, float *v, int cols,
                                 const int ROWS, const int dt) {
     const int nv = in_dim / STEP * STEP;
-    for (int j = j0; j < j1; j++) {
+    for (int j = j0; j < j1; j += 2) {
+        const int JJ = j + 1 < j1 ? 2 : 1;
         const int64_t a0 = (int64_t)j * in_dim;
-        vf acc[RB];
-        for (int i = 0; i < ROWS; i++) acc[i] = (vf){0};
-        for (int k = 0; k < nv; k += STEP) {
-            vf a_lo, a_hi, x_lo, x_hi;
-            ld2(A, a0 + k, &a_lo, &a_hi, dt);
+        vf acc[2][RB];
+        for (int jj = 0; jj < 2; jj++)
+            for (int i = 0; i < ROWS; i++) acc[jj][i] = (vf){0};
+        if (JJ == 2)
+            for (int k = 0; k < nv; k += STEP) dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 2, ROWS, dt);
+        else
+            for (int k = 0; k < nv; k += STEP) dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 1, ROWS, dt);
+        for (int jj = 0; jj < JJ; jj++) {
             for (int i = 0; i < ROWS; i++) {
-                ld2(x, (row0 + i) * ldx + k, &x_lo, &x_hi, dt);
-                acc[i] += a_lo * x_lo + a_hi * x_hi;
+                float s = hsum(acc[jj][i]);
+                for (int k = nv; k < in_dim; k++)
+                    s += lds(A, a0 + (int64_t)jj * in_dim + k, dt) * lds(x, (row0 + i) * ldx + k, dt);
+                v[(int64_t)i * cols + j + jj] = s * scale;
             }
-        }
-        for (int i = 0; i < ROWS; i++) {
-            float s = hsum(acc[i]);
-            for (int k = nv; k < in_dim; k++)
-                s += lds(A, a0 + k, dt) * lds(x, (row0 + i) * ldx + k, dt);
-            v[(int64_t)i * cols + j] = s * scale;
         }
     }
 }
@@ -170,6 +211,33 @@ ALWAYS_INLINE void expand_block(const float *v, int cols, int rank, const void *
             st2(y, y0 + n, y_lo + acc[i][n / VL], y_hi + acc[i][n / VL + 1], dt);
         }
         for (int n = nv; n < width; n++) sts(y, y0 + n, lds(y, y0 + n, dt) + tail[i][n - nv], dt);
+    }
+}
+
+/* y[row0 + i, col0 + n] += sum_k v[i * cols + k] * Bt[k, n0 + n] for n < STRIP, i < ROWS, with
+ * the ROWS x STRIP sums in registers: for segments of many rows, where the FMAs dominate. */
+ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *Bt, int64_t ldb,
+                                int n0, void *y, int64_t ldy, int64_t row0, int64_t col0,
+                                const int ROWS, const int dt) {
+    vf acc[RB][STRIP / VL];
+    for (int i = 0; i < ROWS; i++)
+        for (int q = 0; q < STRIP / VL; q++) acc[i][q] = (vf){0};
+    for (int k = 0; k < rank; k++) {
+        vf b[STRIP / VL];
+        for (int q = 0; q < STRIP / VL; q += 2)
+            ld2(Bt, (int64_t)k * ldb + n0 + q * VL, &b[q], &b[q + 1], dt);
+        for (int i = 0; i < ROWS; i++) {
+            const vf c = (vf){0} + v[(int64_t)i * cols + k];
+            for (int q = 0; q < STRIP / VL; q++) acc[i][q] += c * b[q];
+        }
+    }
+    for (int i = 0; i < ROWS; i++) {
+        const int64_t y0 = (row0 + i) * ldy + col0;
+        for (int q = 0; q < STRIP / VL; q += 2) {
+            vf y_lo, y_hi;
+            ld2(y, y0 + q * VL, &y_lo, &y_hi, dt);
+            st2(y, y0 + q * VL, y_lo + acc[i][q], y_hi + acc[i][q + 1], dt);
+        }
     }
 }
 
@@ -244,10 +312,26 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             const int64_t lo = rc[5 + t.a], w = rc[8 + t.a] - lo;
             const int n0 = t.b * CW, width = (int)(n0 + CW < w ? CW : w - n0);
             const void *Bt = (const void *)(intptr_t)rc[2 + t.a];
+            /* Many rows: 64-column strips in registers (compute-bound); the rest, and short
+             * segments, through the L1-buffer path (memory-bound: Bt read front to back). */
+            const int strips = sg[1] - sg[0] >= LONG_ROWS ? width / STRIP : 0;
+            for (int st = 0; st < strips; st++) {
+                for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
+                    const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+                    const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
+                    const int c0 = n0 + st * STRIP;
+#define STRIPS(R) expand_strip(v, cols, rank, Bt, w, c0, y, ldy, row0, lo + c0, R, dt)
+                    BY_ROWS(nr, STRIPS)
+#undef STRIPS
+                }
+            }
+            const int done = strips * STRIP;
+            if (done == width) continue;
             for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
                 const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
                 const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
-#define EXPAND(R) expand_block(v, cols, rank, Bt, w, n0, width, y, ldy, row0, lo + n0, R, dt)
+#define EXPAND(R) \
+    expand_block(v, cols, rank, Bt, w, n0 + done, width - done, y, ldy, row0, lo + n0 + done, R, dt)
                 BY_ROWS(nr, EXPAND)
 #undef EXPAND
             }

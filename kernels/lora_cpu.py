@@ -6,8 +6,9 @@ Why: on the CPU the torch path (`lora_apply_torch`) issues one shrink and one ex
 (layer, group) in one call, reading each adapter's weights in place (the same blobs, at their
 true rank), threaded over (segment, block) work items in one OpenMP region.
 
-Segments longer than `max_rows` (prefill chunks) stay on the torch path, where MKL's GEMMs are
-faster than this kernel; a step may use both. float32 and bfloat16; float16 uses the torch path.
+Segments longer than `MAX_ROWS[dtype]` (long prefill chunks) stay on the torch path, where the
+GEMM libraries are faster than this kernel; a step may use both. float32 and bfloat16 (float16
+uses the torch path).
 
 The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
 `cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
@@ -38,7 +39,9 @@ SOURCE = Path(__file__).with_name("lora_cpu.c")
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
-MAX_ROWS = 16  # longer segments go to the torch path
+# Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
+# shapes, 2-core Xeon: float32 ~48 rows, bfloat16 ~100 rows; docs/benchmarks.md).
+MAX_ROWS = {torch.float32: 32, torch.bfloat16: 64}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -178,10 +181,14 @@ class CpuLoRAMeta:
 
 
 def build_cpu_lora_meta(
-    segments: list[LoRASegment], records: list[torch.Tensor], *, max_rows: int = MAX_ROWS
+    segments: list[LoRASegment], records: list[torch.Tensor], *, max_rows: int | None = None
 ) -> LoRABatchMeta:
-    """Split a step's segments: those of at most `max_rows` rows go to the kernel (`records[i]`
-    = `adapter_records(segments[i].views)`), longer ones stay on the torch path."""
+    """Split a step's segments: those of at most `max_rows` rows (default: MAX_ROWS of the
+    weights' dtype) go to the kernel (`records[i]` = `adapter_records(segments[i].views)`),
+    longer ones stay on the torch path."""
+    if max_rows is None and segments:
+        views = next(iter(segments[0].views[0].values()))
+        max_rows = MAX_ROWS.get(views.a_t.dtype, 0)
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
     if not short:

@@ -114,7 +114,7 @@ def test_kernel_matches_reference(rank, num_adapters, dtype):
     for idx in range(num_adapters):
         r = rank if idx % 2 == 0 else max(1, rank // 2 + idx % 3)  # mixed ranks
         targets = ALL if idx % 3 else ("q_proj", "v_proj", "down_proj")  # some skip groups
-        specs.append((r, targets, rng.randint(1, MAX_ROWS)))
+        specs.append((r, targets, rng.randint(1, MAX_ROWS[dtype])))
     segments, weights, token_adapter, _ = _batch(specs, dtype, gen)
     meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
     assert meta.cpu is not None and meta.segments == [] and meta.has_lora
@@ -123,7 +123,8 @@ def test_kernel_matches_reference(rank, num_adapters, dtype):
 
 def test_long_segments_stay_on_the_torch_path():
     gen = torch.Generator().manual_seed(3)
-    specs = [(8, ALL, MAX_ROWS + 5), (16, ALL, 2), (4, ALL, MAX_ROWS), (32, ALL, 40)]
+    limit = MAX_ROWS[torch.float32]
+    specs = [(8, ALL, limit + 5), (16, ALL, 2), (4, ALL, limit), (32, ALL, limit + 8)]
     segments, weights, token_adapter, _ = _batch(specs, torch.float32, gen)
     meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
     assert [s.adapter_idx for s in meta.segments] == [0, 3]
@@ -135,15 +136,17 @@ def test_long_segments_stay_on_the_torch_path():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_rows_result_does_not_depend_on_its_neighbours(dtype):
-    """Bitwise: row results are independent lanes (the engine's batch invariance leans on it)."""
+    """Bitwise: row results are independent lanes (the engine's batch invariance leans on it),
+    also between the register-strip path of long segments and the path of short ones."""
     gen = torch.Generator().manual_seed(5)
-    segments, _, _, _ = _batch([(16, ALL, 7), (8, ALL, 1)], dtype, gen, n_base=1)
+    n = 9  # >= LONG_ROWS: the long-segment path
+    segments, _, _, _ = _batch([(16, ALL, n), (8, ALL, 1)], dtype, gen, n_base=1)
     records = [adapter_records(s.views) for s in segments]
-    x = torch.randn(9, HIDDEN, generator=gen).to(dtype)
-    y0 = torch.randn(9, 2 * INTER, generator=gen).to(dtype)
+    x = torch.randn(n + 2, HIDDEN, generator=gen).to(dtype)
+    y0 = torch.randn(n + 2, 2 * INTER, generator=gen).to(dtype)
     together = y0.clone()
     lora_apply_cpu(x, together, 1, "gate_up", build_cpu_lora_meta(segments, records))
-    for row in range(1, 8):  # each row of the 7-row segment alone, in a batch of one row
+    for row in range(1, n + 1):  # each row of the long segment alone, in a batch of one row
         seg = LoRASegment(0, 1, 0, 16, segments[0].scale, segments[0].views)
         alone = y0[row : row + 1].clone()
         meta = build_cpu_lora_meta([seg], [records[0]])

@@ -1,0 +1,49 @@
+"""kernels/linear.py: each storage mode multiplies like F.linear."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels.linear as linear
+from kernels.linear import Linear
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 70])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_float32_uses_the_transposed_copy_and_matches(rows, with_bias):
+    gen = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(48, 40, generator=gen), torch.randn(48, generator=gen)
+    lin = Linear(w, b if with_bias else None)
+    assert lin.mode == "transposed" and lin.weight.shape == (40, 48)
+    assert lin.weight.is_contiguous()
+    x = torch.randn(rows, 40, generator=gen)
+    want = F.linear(x, w, b if with_bias else None)
+    torch.testing.assert_close(lin(x), want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lin(x[:, :]), want, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_bfloat16_matches_f_linear(with_bias):
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(64, 32, generator=gen).bfloat16()
+    b = torch.randn(64, generator=gen).bfloat16() if with_bias else None
+    lin = Linear(w, b)
+    expected_mode = "onednn" if linear._onednn_bf16_usable() else "linear"
+    assert lin.mode == expected_mode
+    for rows in (1, 16, 33):
+        x = torch.randn(rows, 32, generator=gen).bfloat16()
+        got, want = lin(x), F.linear(x, w, b)
+        assert got.shape == want.shape and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_shared_weights_and_other_dtypes_keep_f_linear(monkeypatch):
+    w = torch.randn(8, 4)
+    tied = Linear(w, None, shared=True)
+    assert tied.mode == "linear" and tied.weight is w
+    half = Linear(w.half(), None)
+    assert half.mode == "linear"
+    monkeypatch.setattr(linear, "_onednn_ok", False)  # no oneDNN bf16 here
+    assert Linear(w.bfloat16(), None).mode == "linear"
