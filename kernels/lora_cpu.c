@@ -157,7 +157,12 @@ ALWAYS_INLINE void shrink_block(const void *x, int64_t ldx, int64_t row0, const 
         for (int jj = 0; jj < 2; jj++)
             for (int i = 0; i < ROWS; i++) acc[jj][i] = (vf){0};
         if (JJ == 2)
-            for (int k = 0; k < nv; k += STEP) dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 2, ROWS, dt);
+            for (int k = 0; k < nv; k += STEP) {
+                /* the rows two pairs ahead (the item's A rows are one contiguous stream) */
+                prefetch(A, a0 + 4 * (int64_t)in_dim + k, dt);
+                prefetch(A, a0 + 5 * (int64_t)in_dim + k, dt);
+                dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 2, ROWS, dt);
+            }
         else
             for (int k = 0; k < nv; k += STEP) dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 1, ROWS, dt);
         for (int jj = 0; jj < JJ; jj++) {

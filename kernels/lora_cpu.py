@@ -41,7 +41,7 @@ MAX_MODULES = max(len(m) for m in GROUPS.values())
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
 # shapes, 2-core Xeon: float32 ~48 rows, bfloat16 ~100 rows; docs/benchmarks.md).
-MAX_ROWS = {torch.float32: 32, torch.bfloat16: 64}
+MAX_ROWS = {torch.float32: 32, torch.bfloat16: 128}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
