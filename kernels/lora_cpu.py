@@ -136,8 +136,15 @@ def adapter_records(views: list[dict[str, GroupViews]]) -> torch.Tensor:
             g = groups.get(name)
             if g is None:
                 continue  # nmod 0: this adapter skips the group
+            # The kernel reads raw memory: A_cat [n * r, in] and each B^T [r, out] row-major.
+            if not (g.a_t.t().is_contiguous() and all(bt.is_contiguous() for bt in g.b_t)):
+                raise ValueError(f"layer {layer} {name}: adapter views are not row-major blobs")
+            if g.a_t.device.type != "cpu" or g.a_t.dtype not in DTYPES:
+                raise ValueError(f"CPU LoRA kernel: weights on {g.a_t.device} {g.a_t.dtype}")
             row = [g.a_t.data_ptr(), len(g.b_t)] + [0] * (3 * MAX_MODULES)
             for m, (bt, (lo, hi)) in enumerate(zip(g.b_t, g.out_slices, strict=True)):
+                if bt.shape[1] != hi - lo:
+                    raise ValueError(f"layer {layer} {name}: B^T width {bt.shape[1]} != {hi - lo}")
                 row[2 + m] = bt.data_ptr()
                 row[2 + MAX_MODULES + m] = lo
                 row[2 + 2 * MAX_MODULES + m] = hi
@@ -160,6 +167,7 @@ class CpuLoRAMeta:
     records: torch.Tensor
     work: torch.Tensor
     keep: list[torch.Tensor]
+    dtype: torch.dtype = torch.float32  # of the weights: x and y must have it too
     num_segs: int = 0
     segs_ptr: int = 0
     scales_ptr: int = 0
@@ -203,6 +211,7 @@ def build_cpu_lora_meta(
         records=torch.stack([records[i] for i in short], dim=2).contiguous(),
         work=torch.empty(work * MAX_MODULES, dtype=torch.float32),
         keep=[segments[i].views[0][next(iter(segments[i].views[0]))].a_t for i in short],
+        dtype=next(iter(segments[short[0]].views[0].values())).a_t.dtype,
     )
     return LoRABatchMeta(long, cpu=meta)
 
@@ -218,7 +227,7 @@ def lora_apply_cpu(
     cpu = meta.cpu
     if cpu is not None:
         fn = _kernel(y.dtype)
-        if x.dtype != y.dtype or y.stride(1) != 1 or y.device.type != "cpu":
+        if x.dtype != cpu.dtype or y.dtype != cpu.dtype or y.stride(1) != 1 or y.is_cuda:
             raise ValueError(f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())}")
         if x.stride(1) != 1:
             x = x.contiguous()
