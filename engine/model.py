@@ -53,19 +53,21 @@ class Model:
         attention_backend: str = "torch",
     ) -> None:
         """`kv_pages` is the unified pool viewed as [num_pages, page_elems]; KV pages are read
-        as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]."""
+        as [num_pages, num_layers, 2, block_size, kv_heads, head_dim]. The projection weights
+        are taken out of `tensors` (popped) as each is re-laid out, so the load never holds a
+        layer twice over."""
         self.spec = spec
         self.block_size = block_size
         t = tensors
         self.embed = t["model.embed_tokens.weight"]
         self.norm = t["model.norm.weight"]
         tied = spec.tie_word_embeddings
-        self.lm_head = Linear(self.embed if tied else t["lm_head.weight"], None, shared=tied)
+        self.lm_head = Linear(self.embed if tied else t.pop("lm_head.weight"), None, shared=tied)
         self.layers: list[LayerWeights] = []
         for i in range(spec.num_layers):
             p = f"model.layers.{i}."
-            att = [t[f"{p}self_attn.{m}.weight"] for m in ("q_proj", "k_proj", "v_proj")]
-            mlp = [t[f"{p}mlp.{m}.weight"] for m in ("gate_proj", "up_proj")]
+            att = [t.pop(f"{p}self_attn.{m}.weight") for m in ("q_proj", "k_proj", "v_proj")]
+            mlp = [t.pop(f"{p}mlp.{m}.weight") for m in ("gate_proj", "up_proj")]
 
             def bias(*modules: str, i: int = i) -> torch.Tensor | None:
                 """Concatenated biases of `modules` (all or none have one, per the spec)."""
@@ -77,10 +79,10 @@ class Model:
                 LayerWeights(
                     input_norm=t[f"{p}input_layernorm.weight"],
                     qkv=Linear(torch.cat(att), bias("q_proj", "k_proj", "v_proj")),
-                    o=Linear(t[f"{p}self_attn.o_proj.weight"], bias("o_proj")),
+                    o=Linear(t.pop(f"{p}self_attn.o_proj.weight"), bias("o_proj")),
                     post_norm=t[f"{p}post_attention_layernorm.weight"],
                     gate_up=Linear(torch.cat(mlp), bias("gate_proj", "up_proj")),
-                    down=Linear(t[f"{p}mlp.down_proj.weight"], bias("down_proj")),
+                    down=Linear(t.pop(f"{p}mlp.down_proj.weight"), bias("down_proj")),
                 )
             )
         self.rotary = Rotary(
