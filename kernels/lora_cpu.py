@@ -174,9 +174,17 @@ class CpuLoRAMeta:
     work_ptr: int = 0
     record_ptrs: tuple[tuple[int, ...], ...] = ()  # [layer][group position]
     num_threads: int = 1
+    # Bounds each call checks before handing raw pointers to C (a mismatch would read or write
+    # out of bounds): rows the segments span, each group's input width (0: no adapter has the
+    # group) and the end of its widest output slice.
+    rows: int = 0
+    in_dims: tuple[int, ...] = ()
+    out_ends: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         L, G, S, _ = self.records.shape
+        self.rows = int(self.segs[:, 1].max())
+        self.out_ends = tuple(int(v) for v in self.records[..., 8:11].amax(dim=(0, 2, 3)))
         base, stride = self.records.data_ptr(), S * REC * self.records.element_size()
         self.num_segs = S
         self.segs_ptr = self.segs.data_ptr()
@@ -205,7 +213,15 @@ def build_cpu_lora_meta(
         [[segments[i].start, segments[i].end, segments[i].rank] for i in short], dtype=torch.int64
     )
     work = sum((segments[i].end - segments[i].start) * segments[i].rank for i in short)
+    in_dims = [0] * len(GROUPS)
+    for i in short:
+        for name, g in segments[i].views[0].items():
+            gi = GROUP_POS[name]
+            if in_dims[gi] not in (0, g.a_t.shape[0]):
+                raise ValueError(f"group {name}: adapters disagree on its input width")
+            in_dims[gi] = g.a_t.shape[0]
     meta = CpuLoRAMeta(
+        in_dims=tuple(in_dims),
         segs=segs,
         scales=torch.tensor([float(segments[i].scale) for i in short], dtype=torch.float32),
         records=torch.stack([records[i] for i in short], dim=2).contiguous(),
@@ -229,11 +245,22 @@ def lora_apply_cpu(
         fn = _kernel(y.dtype)
         if x.dtype != cpu.dtype or y.dtype != cpu.dtype or y.stride(1) != 1 or y.is_cuda:
             raise ValueError(f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())}")
+        gi = GROUP_POS[group]
+        if (
+            x.shape[0] < cpu.rows
+            or y.shape[0] < cpu.rows
+            or cpu.in_dims[gi] not in (0, x.shape[1])
+            or y.shape[1] < cpu.out_ends[gi]
+        ):
+            raise ValueError(
+                f"CPU LoRA kernel, {group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
+                f"the segments (rows {cpu.rows}, in {cpu.in_dims[gi]}, out {cpu.out_ends[gi]})"
+            )
         if x.stride(1) != 1:
             x = x.contiguous()
         rc = fn(
             x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], cpu.num_segs,
-            cpu.segs_ptr, cpu.record_ptrs[layer][GROUP_POS[group]], cpu.scales_ptr,
+            cpu.segs_ptr, cpu.record_ptrs[layer][gi], cpu.scales_ptr,
             cpu.work_ptr, cpu.num_threads,
         )  # fmt: skip
         if rc != 0:

@@ -190,6 +190,13 @@ def test_unsupported_inputs_are_refused():
         lora_apply_cpu(x.half(), torch.zeros(4, HIDDEN, dtype=torch.float16), 0, "o", meta)
     with pytest.raises(ValueError, match="unsupported y"):
         lora_apply_cpu(x, torch.zeros(HIDDEN, 4).t(), 0, "o", meta)
+    # shapes that do not fit the segments would read or write out of bounds in C
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_apply_cpu(x[:3], torch.zeros(3, HIDDEN), 0, "o", meta)  # rows 2..4 needed
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_apply_cpu(torch.randn(4, HIDDEN + 1), torch.zeros(4, HIDDEN), 0, "o", meta)
+    with pytest.raises(ValueError, match="do not fit"):
+        lora_apply_cpu(x, torch.zeros(4, HIDDEN - 1), 0, "o", meta)
 
 
 def test_config_resolves_and_validates_the_cpu_backend():
