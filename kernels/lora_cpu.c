@@ -18,11 +18,14 @@
  * Arithmetic is float32 whatever the storage type; a row's result does not depend on the other
  * rows of its segment or batch (rows are independent lanes of the same instruction sequence).
  * Work is split into (segment, row block, A-row block) shrink items and (segment, module,
- * column block) expand items shared by the threads of one OpenMP region.
+ * column block) expand items; each thread of one OpenMP region takes a contiguous run of them.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
@@ -254,6 +257,18 @@ ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *
         default: CALL(4); break; \
     }
 
+/* The smallest i in [lo, hi) with p[i] >= target (p nondecreasing there), else hi. */
+static int64_t first_at(const int64_t *p, int64_t lo, int64_t hi, int64_t target) {
+    while (lo < hi) {
+        const int64_t mid = lo + (hi - lo) / 2;
+        if (p[mid] >= target)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
 typedef struct {
     int32_t seg, a, b; /* shrink: row block, A-row block; expand: module, column block */
 } item_t;
@@ -280,23 +295,53 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
         free(voff);
         return -1;
     }
-    int64_t ns = 0, ne = n_shrink;
+    /* cost[i] = what item i reads times (4 + its rows): memory for decode rows, FMAs for
+     * long segments. pos[i] = cost of the items before i within its phase. */
+    int64_t *pos = malloc(sizeof(int64_t) * (n_shrink + n_expand + 2));
+    if (!pos) {
+        free(items);
+        free(voff);
+        return -1;
+    }
+    int64_t ns = 0, ne = n_shrink, cs = 0, ce = 0;
     for (int s = 0; s < nseg; s++) {
         const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
         const int64_t nmod = rec[REC * s + 1], cols = nmod * rank;
         if (nmod == 0) continue;
-        for (int r = 0; r < (rows + RB - 1) / RB; r++)
-            for (int j = 0; j < (cols + JB - 1) / JB; j++) items[ns++] = (item_t){s, r, j};
+        for (int r = 0; r < (rows + RB - 1) / RB; r++) {
+            const int64_t nr = rows - (int64_t)r * RB < RB ? rows - (int64_t)r * RB : RB;
+            for (int j = 0; j < (cols + JB - 1) / JB; j++) {
+                const int64_t nj = cols - (int64_t)j * JB < JB ? cols - (int64_t)j * JB : JB;
+                pos[ns] = cs;
+                cs += nj * in_dim * (4 + nr);
+                items[ns++] = (item_t){s, r, j};
+            }
+        }
         for (int m = 0; m < nmod; m++) {
             const int64_t w = rec[REC * s + 8 + m] - rec[REC * s + 5 + m];
-            for (int c = 0; c < (w + CW - 1) / CW; c++) items[ne++] = (item_t){s, m, c};
+            for (int c = 0; c < (w + CW - 1) / CW; c++) {
+                const int64_t wc = w - (int64_t)c * CW < CW ? w - (int64_t)c * CW : CW;
+                pos[ne + 1] = ce; /* shifted by one: pos[n_shrink] holds the shrink total */
+                ce += rank * wc * (4 + rows);
+                items[ne++] = (item_t){s, m, c};
+            }
         }
     }
+    pos[n_shrink] = cs;
+    pos[n_shrink + n_expand + 1] = ce;
 
+    /* Each thread takes a contiguous run of items of about equal cost: runs follow the
+     * weights' memory order, so each thread reads long streams the prefetchers follow. */
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < n_shrink; it++) {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int tid = 0, nt = 1;
+#endif
+        const int64_t s_begin = first_at(pos, 0, n_shrink, cs * tid / nt);
+        const int64_t s_end = tid == nt - 1 ? n_shrink : first_at(pos, 0, n_shrink, cs * (tid + 1) / nt);
+        for (int64_t it = s_begin; it < s_end; it++) {
             const item_t t = items[it];
             const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
             const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
@@ -309,8 +354,13 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             BY_ROWS(nr, SHRINK)
 #undef SHRINK
         }
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t it = n_shrink; it < n_shrink + n_expand; it++) {
+#pragma omp barrier
+        /* expand item i (i >= n_shrink) starts at cost pos[i + 1] of its phase */
+        const int64_t e_begin = first_at(pos + 1, n_shrink, n_shrink + n_expand, ce * tid / nt);
+        const int64_t e_end = tid == nt - 1 ? n_shrink + n_expand
+                                            : first_at(pos + 1, n_shrink, n_shrink + n_expand,
+                                                       ce * (tid + 1) / nt);
+        for (int64_t it = e_begin; it < e_end; it++) {
             const item_t t = items[it];
             const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
             const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
@@ -342,6 +392,7 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             }
         }
     }
+    free(pos);
     free(items);
     free(voff);
     return 0;

@@ -40,8 +40,8 @@ REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
-# shapes, 2-core Xeon: float32 ~48 rows, bfloat16 ~100 rows; docs/benchmarks.md).
-MAX_ROWS = {torch.float32: 32, torch.bfloat16: 128}
+# shapes, 8 segments of ranks 8-64, 2-core Xeon: float32 ~110 rows, bfloat16 ~130 rows).
+MAX_ROWS = {torch.float32: 96, torch.bfloat16: 128}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
