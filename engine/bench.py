@@ -233,6 +233,8 @@ def throughput(args: argparse.Namespace) -> int:
               f"{args.output_len} output tokens, concurrency {args.concurrency}")  # fmt: skip
         print(f"machine: {machine}, torch threads {torch.get_num_threads()}", flush=True)
         llm = LLM(**dataclasses.asdict(cfg) | {"adapters": adapters})
+        backends = dict(llm.engine.backends)
+        print(f"loraplex paths: lora {backends['lora']}, attention {backends['attention']}")
         row, ours = run_ours(llm, prompts, alist, args, workload)
         rows = [row]
         if names and args.also_base:
@@ -254,6 +256,7 @@ def throughput(args: argparse.Namespace) -> int:
         setup = {k: v for k, v in vars(args).items() if k != "func"}
         setup |= dataclasses.asdict(cfg) | {"adapters": adapters, "machine": machine}
         setup["threads"] = torch.get_num_threads()
+        setup["backends"] = backends
         rows_out = [dataclasses.asdict(r) | {"req_per_s": r.req_per_s, "tok_per_s": r.tok_per_s}
                     for r in rows]  # fmt: skip
         out = {"setup": setup, "rows": rows_out, "ratios": {k: v for k, v, _ in found}}
