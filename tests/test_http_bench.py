@@ -93,7 +93,7 @@ def test_prompts_match_offline_bench(tiny, monkeypatch, tmp_path):
 
     class FakeLLM:
         def __init__(self, **kw):
-            pass
+            self.engine = SimpleNamespace(backends={"lora": "cpu", "attention": "torch"})
 
         def generate(self, prompts, params, adapters):
             seen.setdefault("calls", []).append((prompts, adapters))
