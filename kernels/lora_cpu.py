@@ -62,11 +62,14 @@ def _cpu_id() -> str:
 
 
 def _compile(cc: str, out: Path) -> None:
-    base = [cc, "-O3", "-shared", "-fPIC", "-fopenmp", str(SOURCE), "-o", str(out)]
+    """Best flags first; without OpenMP (e.g. Apple clang) the kernel runs on one thread."""
+    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
     errors = []
-    for extra in (["-march=native"], []):
+    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         if proc.returncode == 0:
+            if "-fopenmp" not in extra:
+                logger.warning("CPU LoRA kernel built without OpenMP: it runs on one thread")
             return
         errors.append(proc.stderr.strip()[-2000:])
     raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n" + "\n".join(errors))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import random
+import shutil
 
 import pytest
 import torch
@@ -243,3 +244,26 @@ def test_library_is_built_once_per_cache(monkeypatch, tmp_path):
     assert lora_cpu.cpu_kernel_error() is None
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
     assert built.stat().st_mtime_ns == mtime
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_path, caplog):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
+                       f'exec {cc} "$@"\n')  # fmt: skip
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(lora_cpu, "_lib", None)
+    monkeypatch.setattr(lora_cpu, "_error", None)
+    monkeypatch.setattr(lora_cpu, "_FUNCS", {})
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="kernels.lora_cpu"):
+        assert lora_cpu.cpu_kernel_error() is None
+    assert "without OpenMP" in caplog.text
+    gen = torch.Generator().manual_seed(13)
+    specs = [(8, ALL, 3), (64, ALL, 12), (1, ("q_proj",), 1)]
+    segments, weights, token_adapter, _ = _batch(specs, torch.float32, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    _check_against_reference(segments, weights, token_adapter, meta, torch.float32, gen)
