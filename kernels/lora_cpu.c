@@ -15,8 +15,9 @@
  * Effect: y[rows_s, lo_m:hi_m] += scale_s * (x[rows_s] @ A_m^T) @ B_m^T for every segment and
  * module; rows outside every segment are not touched. Segments must be disjoint.
  *
- * Arithmetic is float32 whatever the storage type; a row's result does not depend on the other
- * rows of its segment or batch (rows are independent lanes of the same instruction sequence).
+ * Arithmetic is float32 whatever the storage type (bf16 shrinks on AVX512-BF16 CPUs use
+ * vdpbf16ps: exact products, float32 sums, denormals flushed); a row's result does not depend on
+ * the other rows of its segment or batch (rows are independent lanes of the same instructions).
  * Work is split into (segment, row block, A-row block) shrink items and (segment, module,
  * column block) expand items; each thread of one OpenMP region takes a contiguous run of them.
  */
