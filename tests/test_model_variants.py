@@ -41,7 +41,9 @@ def test_variant_matches_hf_peft(tmp_path, family, kwargs):
     _check_exact(model_dir, adapter)
 
 
-def test_bfloat16_close_to_float32(tiny_llama):
+@pytest.mark.parametrize("lora_backend", ["cpu", "torch"])
+def test_bfloat16_close_to_float32(tiny_llama, lora_backend):
+    """bf16 (oneDNN-packed base linears, the given LoRA path) stays close to float32."""
     prompt = [[7, 8, 9, 10, 11]]
     logprobs = {}
     for dtype in ("float32", "bfloat16"):
@@ -50,7 +52,9 @@ def test_bfloat16_close_to_float32(tiny_llama):
             adapters=tiny_llama["adapters"],
             dtype=dtype,
             pool_bytes=4 << 20,
+            lora_backend=lora_backend,
         )
+        assert llm.engine.backends["lora"] == lora_backend
         out = llm.generate(
             prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=5), ["r8_all"]
         )[0]
