@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kernels.lora import module_dims as lora_module_dims
+
 logger = logging.getLogger(__name__)
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -80,16 +82,7 @@ class ModelSpec:
 
     def module_dims(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one of `MODULES`."""
-        h, i = self.hidden_size, self.intermediate_size
-        dims = {
-            "q_proj": (h, self.q_dim),
-            "k_proj": (h, self.kv_dim),
-            "v_proj": (h, self.kv_dim),
-            "o_proj": (self.q_dim, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        dims = lora_module_dims(self.hidden_size, self.q_dim, self.kv_dim, self.intermediate_size)
         if module not in dims:
             raise ValueError(f"unknown module {module!r}; expected one of {MODULES}")
         return dims[module]

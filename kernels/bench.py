@@ -32,22 +32,11 @@ from kernels.lora import (
     build_triton_lora_meta,
     lora_apply_torch,
     lora_layout,
+    module_dims,
 )
 
 LLAMA2_7B = dict(hidden=4096, q_dim=4096, kv_dim=4096, inter=11008, heads=32, head_dim=128)
 RANKS = (8, 16, 32, 64)
-
-
-def module_dims(hidden: int, q_dim: int, kv_dim: int, inter: int) -> dict[str, tuple[int, int]]:
-    return {
-        "q_proj": (hidden, q_dim),
-        "k_proj": (hidden, kv_dim),
-        "v_proj": (hidden, kv_dim),
-        "o_proj": (q_dim, hidden),
-        "gate_proj": (hidden, inter),
-        "up_proj": (hidden, inter),
-        "down_proj": (inter, hidden),
-    }
 
 
 @dataclass

@@ -56,6 +56,20 @@ class LoRALayout:
     layers: tuple[dict[str, GroupLayout], ...]  # per layer: group name -> layout
 
 
+def module_dims(hidden: int, q_dim: int, kv_dim: int, inter: int) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of every LoRA-targetable module of a Llama-family layer: the
+    `module_dims` argument of `lora_layout`."""
+    return {
+        "q_proj": (hidden, q_dim),
+        "k_proj": (hidden, kv_dim),
+        "v_proj": (hidden, kv_dim),
+        "o_proj": (q_dim, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+
+
 def lora_layout(
     rank: int,
     target_modules: tuple[str, ...] | list[str],
@@ -236,5 +250,6 @@ __all__ = [
     "lora_apply_torch",
     "lora_layout",
     "lora_reference",
+    "module_dims",
     "pack_blob",
 ]

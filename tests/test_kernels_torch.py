@@ -21,19 +21,12 @@ from kernels.lora import (
     lora_apply_torch,
     lora_layout,
     lora_reference,
+    module_dims,
     pack_blob,
 )
 
 HIDDEN, Q_DIM, KV_DIM, INTER, LAYERS = 32, 32, 16, 48, 2
-DIMS = {
-    "q_proj": (HIDDEN, Q_DIM),
-    "k_proj": (HIDDEN, KV_DIM),
-    "v_proj": (HIDDEN, KV_DIM),
-    "o_proj": (Q_DIM, HIDDEN),
-    "gate_proj": (HIDDEN, INTER),
-    "up_proj": (HIDDEN, INTER),
-    "down_proj": (INTER, HIDDEN),
-}
+DIMS = module_dims(HIDDEN, Q_DIM, KV_DIM, INTER)
 ALL = tuple(DIMS)
 
 

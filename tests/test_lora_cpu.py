@@ -22,6 +22,7 @@ from kernels.lora import (
     lora_apply_torch,
     lora_layout,
     lora_reference,
+    module_dims,
     pack_blob,
 )
 from kernels.lora_cpu import MAX_ROWS, adapter_records, build_cpu_lora_meta, lora_apply_cpu
@@ -29,15 +30,7 @@ from kernels.lora_cpu import MAX_ROWS, adapter_records, build_cpu_lora_meta, lor
 # Widths chosen to hit the kernel's tails: KV_DIM and INTER are not multiples of its 32-element
 # step, and INTER is wider than one 512-column expand item.
 HIDDEN, Q_DIM, KV_DIM, INTER, LAYERS = 96, 96, 40, 600, 2
-DIMS = {
-    "q_proj": (HIDDEN, Q_DIM),
-    "k_proj": (HIDDEN, KV_DIM),
-    "v_proj": (HIDDEN, KV_DIM),
-    "o_proj": (Q_DIM, HIDDEN),
-    "gate_proj": (HIDDEN, INTER),
-    "up_proj": (HIDDEN, INTER),
-    "down_proj": (INTER, HIDDEN),
-}
+DIMS = module_dims(HIDDEN, Q_DIM, KV_DIM, INTER)
 ALL = tuple(DIMS)
 GROUP_DIMS = {"qkv": (HIDDEN, Q_DIM + 2 * KV_DIM), "o": (Q_DIM, HIDDEN),
               "gate_up": (HIDDEN, 2 * INTER), "down": (INTER, HIDDEN)}  # fmt: skip

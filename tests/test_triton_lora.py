@@ -26,7 +26,6 @@ pytest.importorskip("triton")
 from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 from kernels import lora_triton  # noqa: E402
-from kernels.bench import module_dims  # noqa: E402
 from kernels.lora import (  # noqa: E402
     GROUPS,
     LoRABatchMeta,
@@ -36,6 +35,7 @@ from kernels.lora import (  # noqa: E402
     lora_apply_torch,
     lora_layout,
     lora_reference,
+    module_dims,
     pack_blob,
 )
 
