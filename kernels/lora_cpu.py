@@ -205,9 +205,11 @@ def build_cpu_lora_meta(
     """Split a step's segments: those of at most `max_rows` rows (default: MAX_ROWS of the
     weights' dtype) go to the kernel (`records[i]` = `adapter_records(segments[i].views)`),
     longer ones stay on the torch path."""
-    if max_rows is None and segments:
-        views = next(iter(segments[0].views[0].values()))
-        max_rows = MAX_ROWS.get(views.a_t.dtype, 0)
+    if not segments:
+        return LoRABatchMeta([])
+    dtype = _first_view(segments[0]).dtype  # one pool, one dtype
+    if max_rows is None:
+        max_rows = MAX_ROWS.get(dtype, 0)
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
     if not short:
@@ -229,10 +231,15 @@ def build_cpu_lora_meta(
         scales=torch.tensor([float(segments[i].scale) for i in short], dtype=torch.float32),
         records=torch.stack([records[i] for i in short], dim=2).contiguous(),
         work=torch.empty(work * MAX_MODULES, dtype=torch.float32),
-        keep=[segments[i].views[0][next(iter(segments[i].views[0]))].a_t for i in short],
-        dtype=next(iter(segments[short[0]].views[0].values())).a_t.dtype,
+        keep=[_first_view(segments[i]) for i in short],
+        dtype=dtype,
     )
     return LoRABatchMeta(long, cpu=meta)
+
+
+def _first_view(seg: LoRASegment) -> torch.Tensor:
+    """A view into the segment's blob (its storage holds every weight the records point at)."""
+    return next(iter(seg.views[0].values())).a_t
 
 
 def lora_apply_cpu(
