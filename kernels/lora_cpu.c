@@ -12,6 +12,8 @@
  *     b_ptr[3]   address of B_m^T [rank, hi_m - lo_m] (row-major) per targeted module
  *     lo[3], hi[3]  the module's columns [lo, hi) in y
  *   work: float32 scratch of at least sum_s rows_s * nmod_s * rank_s elements.
+ *   amx_rows: bfloat16 segments of at least this many rows go to the AMX tile path
+ *     (lora_amx.h) when it was compiled in and lora_amx_init() returned 1; 0 turns it off.
  * Effect: y[rows_s, lo_m:hi_m] += scale_s * (x[rows_s] @ A_m^T) @ B_m^T for every segment and
  * module; rows outside every segment are not touched. Segments must be disjoint.
  *
@@ -270,6 +272,8 @@ static int64_t first_at(const int64_t *p, int64_t lo, int64_t hi, int64_t target
     return lo;
 }
 
+#include "lora_amx.h"
+
 typedef struct {
     int32_t seg, a, b; /* shrink: row block, A-row block; expand: module, column block */
 } item_t;
@@ -277,14 +281,30 @@ typedef struct {
 ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
                                 int32_t nseg, const int64_t *segs, const int64_t *rec,
                                 const float *scales, float *work, int32_t nthreads,
-                                const int dt) {
+                                int32_t amx_rows, const int dt) {
     int64_t *voff = malloc(sizeof(int64_t) * (nseg + 1));
+    char *amx_done = calloc(nseg + 1, 1); /* segments the AMX path applied */
     int64_t n_shrink = 0, n_expand = 0;
-    if (!voff) return -1;
+    if (!voff || !amx_done) {
+        free(amx_done);
+        free(voff);
+        return -1;
+    }
+#ifdef HAVE_AMX
+    if (dt == 1 && amx_rows > 0 && amx_permitted && in_dim % 32 == 0 &&
+        amx_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, amx_rows, nthreads,
+                     amx_done) != 0) {
+        free(amx_done);
+        free(voff);
+        return -1;
+    }
+#else
+    (void)amx_rows;
+#endif
     voff[0] = 0;
     for (int s = 0; s < nseg; s++) {
         const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
-        const int64_t nmod = rec[REC * s + 1], cols = nmod * rank;
+        const int64_t nmod = amx_done[s] ? 0 : rec[REC * s + 1], cols = nmod * rank;
         voff[s + 1] = voff[s] + rows * cols;
         if (nmod == 0) continue;
         n_shrink += ((rows + RB - 1) / RB) * ((cols + JB - 1) / JB);
@@ -293,6 +313,7 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
     }
     item_t *items = malloc(sizeof(item_t) * (n_shrink + n_expand + 1));
     if (!items) {
+        free(amx_done);
         free(voff);
         return -1;
     }
@@ -301,13 +322,14 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
     int64_t *pos = malloc(sizeof(int64_t) * (n_shrink + n_expand + 2));
     if (!pos) {
         free(items);
+        free(amx_done);
         free(voff);
         return -1;
     }
     int64_t ns = 0, ne = n_shrink, cs = 0, ce = 0;
     for (int s = 0; s < nseg; s++) {
         const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
-        const int64_t nmod = rec[REC * s + 1], cols = nmod * rank;
+        const int64_t nmod = amx_done[s] ? 0 : rec[REC * s + 1], cols = nmod * rank;
         if (nmod == 0) continue;
         for (int r = 0; r < (rows + RB - 1) / RB; r++) {
             const int64_t nr = rows - (int64_t)r * RB < RB ? rows - (int64_t)r * RB : RB;
@@ -395,18 +417,21 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
     }
     free(pos);
     free(items);
+    free(amx_done);
     free(voff);
     return 0;
 }
 
 int lora_segments_f32(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
                       int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
-                      float *work, int32_t nthreads) {
-    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads, 0);
+                      float *work, int32_t nthreads, int32_t amx_rows) {
+    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads,
+                         amx_rows, 0);
 }
 
 int lora_segments_bf16(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
-                       int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
-                       float *work, int32_t nthreads) {
-    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads, 1);
+                      int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
+                      float *work, int32_t nthreads, int32_t amx_rows) {
+    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads,
+                         amx_rows, 1);
 }

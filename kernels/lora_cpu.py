@@ -6,9 +6,11 @@ Why: on the CPU the torch path (`lora_apply_torch`) issues one shrink and one ex
 (layer, group) in one call, reading each adapter's weights in place (the same blobs, at their
 true rank), threaded over (segment, block) work items in one OpenMP region.
 
-Segments longer than `MAX_ROWS[dtype]` (long prefill chunks) stay on the torch path, where the
-GEMM libraries are faster than this kernel; a step may use both. float32 and bfloat16 (float16
-uses the torch path).
+Long segments (prefill chunks): in bfloat16 on CPUs with AMX (and Linux granting it), segments
+of at least `AMX_ROWS` rows go to the kernel's AMX tile path (kernels/lora_amx.h), whatever their
+length. Otherwise segments longer than `MAX_ROWS[dtype]` stay on the torch path, where the GEMM
+libraries beat the vector kernel; a step may use both. float32 and bfloat16 (float16 uses the
+torch path).
 
 The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
 `cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
@@ -36,16 +38,21 @@ from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_ap
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
+HEADERS = (Path(__file__).with_name("lora_amx.h"),)  # included by SOURCE: part of the build key
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
 # shapes, 8 segments of ranks 8-64, 2-core Xeon: float32 ~110 rows, bfloat16 ~130 rows).
 MAX_ROWS = {torch.float32: 96, torch.bfloat16: 128}
+# bfloat16 segments of at least this many rows take the AMX path when the CPU has it (below, the
+# vector path: decode rows are memory-bound and tiles of 16 rows would mostly multiply padding).
+AMX_ROWS = 16
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
+_amx = False
 
 
 def _cpu_id() -> str:
@@ -79,9 +86,8 @@ def _load() -> ctypes.CDLL:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode()
-    ).hexdigest()[:16]
+    sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    key = hashlib.sha256(sources + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode()).hexdigest()[:16]
     cache = Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
     path = cache / f"lora_cpu-{key}.so"
     if not path.is_file():
@@ -102,23 +108,33 @@ def _load() -> ctypes.CDLL:
         fn.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
             ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int32,
+            ctypes.c_int32, ctypes.c_int32,
         ]  # fmt: skip
+    lib.lora_amx_init.restype = ctypes.c_int
+    lib.lora_amx_init.argtypes = []
     return lib
 
 
 def library() -> ctypes.CDLL:
     """The compiled kernel library (built on first use). RuntimeError says why it is not."""
-    global _lib, _error
+    global _lib, _error, _amx
     with _lock:
         if _lib is None and _error is None:
             try:
                 _lib = _load()
+                _amx = bool(_lib.lora_amx_init())  # built with AMX and granted by the OS
+                logger.info("CPU LoRA kernel: AMX path for bfloat16 segments %s",
+                            "on" if _amx else "off")  # fmt: skip
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _error = str(e)
         if _lib is None:
             raise RuntimeError(f"CPU LoRA kernel unavailable: {_error}")
         return _lib
+
+
+def amx_available() -> bool:
+    """Whether the kernel's AMX path can run here (CPU, compiler and OS all allow it)."""
+    return cpu_kernel_error() is None and _amx
 
 
 def cpu_kernel_error() -> str | None:
@@ -177,6 +193,7 @@ class CpuLoRAMeta:
     work_ptr: int = 0
     record_ptrs: tuple[tuple[int, ...], ...] = ()  # [layer][group position]
     num_threads: int = 1
+    amx_rows: int = 0  # segments of at least this many rows take the AMX path (0: none)
     # Bounds each call checks before handing raw pointers to C (a mismatch would read or write
     # out of bounds): rows the segments span, each group's input width (0: no adapter has the
     # group) and the end of its widest output slice.
@@ -200,16 +217,28 @@ class CpuLoRAMeta:
 
 
 def build_cpu_lora_meta(
-    segments: list[LoRASegment], records: list[torch.Tensor], *, max_rows: int | None = None
+    segments: list[LoRASegment],
+    records: list[torch.Tensor],
+    *,
+    max_rows: int | None = None,
+    amx_rows: int | None = None,
 ) -> LoRABatchMeta:
-    """Split a step's segments: those of at most `max_rows` rows (default: MAX_ROWS of the
-    weights' dtype) go to the kernel (`records[i]` = `adapter_records(segments[i].views)`),
-    longer ones stay on the torch path."""
+    """Split a step's segments: those of at most `max_rows` rows go to the kernel
+    (`records[i]` = `adapter_records(segments[i].views)`), longer ones stay on the torch path.
+    Inside the kernel, bfloat16 segments of at least `amx_rows` rows take the AMX path (0: off).
+    Defaults: with AMX (bfloat16, `amx_available()`), amx_rows = AMX_ROWS and no row limit;
+    otherwise no AMX and max_rows = MAX_ROWS of the weights' dtype."""
     if not segments:
         return LoRABatchMeta([])
     dtype = _first_view(segments[0]).dtype  # one pool, one dtype
+    if amx_rows is None:
+        amx_rows = AMX_ROWS if dtype == torch.bfloat16 and amx_available() else 0
+    if amx_rows > 0 and not (dtype == torch.bfloat16 and amx_available()):
+        raise ValueError(f"the AMX path needs bfloat16 weights and an AMX CPU (have {dtype})")
     if max_rows is None:
-        max_rows = MAX_ROWS.get(dtype, 0)
+        max_rows = (
+            max(s.end - s.start for s in segments) if amx_rows > 0 else MAX_ROWS.get(dtype, 0)
+        )
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
     if not short:
@@ -233,6 +262,7 @@ def build_cpu_lora_meta(
         work=torch.empty(work * MAX_MODULES, dtype=torch.float32),
         keep=[_first_view(segments[i]) for i in short],
         dtype=dtype,
+        amx_rows=amx_rows,
     )
     return LoRABatchMeta(long, cpu=meta)
 
@@ -271,7 +301,7 @@ def lora_apply_cpu(
         rc = fn(
             x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], cpu.num_segs,
             cpu.segs_ptr, cpu.record_ptrs[layer][gi], cpu.scales_ptr,
-            cpu.work_ptr, cpu.num_threads,
+            cpu.work_ptr, cpu.num_threads, cpu.amx_rows,
         )  # fmt: skip
         if rc != 0:
             raise MemoryError("CPU LoRA kernel: out of memory for its work list")

@@ -21,11 +21,17 @@ from kernels.lora import (
     blob_views,
     lora_apply_torch,
     lora_layout,
-    lora_reference,
     module_dims,
     pack_blob,
 )
-from kernels.lora_cpu import MAX_ROWS, adapter_records, build_cpu_lora_meta, lora_apply_cpu
+from kernels.lora_cpu import (
+    AMX_ROWS,
+    MAX_ROWS,
+    adapter_records,
+    amx_available,
+    build_cpu_lora_meta,
+    lora_apply_cpu,
+)
 
 # Widths chosen to hit the kernel's tails: KV_DIM and INTER are not multiples of its 32-element
 # step, and INTER is wider than one 512-column expand item.
@@ -36,16 +42,16 @@ GROUP_DIMS = {"qkv": (HIDDEN, Q_DIM + 2 * KV_DIM), "o": (Q_DIM, HIDDEN),
               "gate_up": (HIDDEN, 2 * INTER), "down": (INTER, HIDDEN)}  # fmt: skip
 
 
-def _batch(specs, dtype, gen, n_base=2):
+def _batch(specs, dtype, gen, n_base=2, dims=DIMS):
     """specs: (rank, targets, rows) per adapter. Returns (segments, weights, token_adapter, keep)
     with every adapter's blob packed in one shared pool tensor (gaps between them)."""
     layouts, weights = [], []
     for rank, targets, _ in specs:
-        A = {(l, m): torch.randn(rank, DIMS[m][0], generator=gen) / 4 for l in range(LAYERS)
+        A = {(l, m): torch.randn(rank, dims[m][0], generator=gen) / 4 for l in range(LAYERS)
              for m in targets}  # fmt: skip
-        B = {(l, m): torch.randn(DIMS[m][1], rank, generator=gen) / 4 for l in range(LAYERS)
+        B = {(l, m): torch.randn(dims[m][1], rank, generator=gen) / 4 for l in range(LAYERS)
              for m in targets}  # fmt: skip
-        layouts.append(lora_layout(rank, targets, LAYERS, DIMS))
+        layouts.append(lora_layout(rank, targets, LAYERS, dims))
         weights.append((A, B, 0.5 + rank / 16))
     pool = torch.zeros(sum(lay.num_elems + 7 for lay in layouts), dtype=dtype)
     segments, token_adapter, offset, row = [], [-1] * n_base, 0, n_base
@@ -61,40 +67,57 @@ def _batch(specs, dtype, gen, n_base=2):
     return segments, weights, token_adapter, pool
 
 
-def _reference(x, layer, group, weights, token_adapter, dtype):
-    """Per-token float32 delta of the group's fused output (modules an adapter lacks: 0)."""
-    out = torch.zeros(x.shape[0], GROUP_DIMS[group][1])
-    lo = 0
-    for m in GROUPS[group]:
-        width = DIMS[m][1]
-        As, Bs = [], []
-        for A, B, _ in weights:
-            key = (layer, m)
-            As.append(A[key].to(dtype) if key in A else torch.zeros(1, DIMS[m][0], dtype=dtype))
-            Bs.append(B[key].to(dtype) if key in B else torch.zeros(width, 1, dtype=dtype))
-        out[:, lo : lo + width] = lora_reference(
-            x, token_adapter, As, Bs, [s for _, _, s in weights]
-        )
-        lo += width
-    return out
+def _reference(x, layer, group, weights, token_adapter, dtype, dims=DIMS, rounded=()):
+    """Per-token float32 delta of the group's fused output (modules an adapter lacks: 0), and a
+    bound on what rounding v = scale * A x to bfloat16 may change (sum_k |B_nk v_k| 2^-8).
+    Rows in `rounded` get v rounded to bfloat16 first, as the AMX path does."""
+    out_dim = sum(dims[m][1] for m in GROUPS[group])
+    delta, bound = torch.zeros(x.shape[0], out_dim), torch.zeros(x.shape[0], out_dim)
+    for t, idx in enumerate(token_adapter):
+        if idx < 0:
+            continue
+        A, B, scale = weights[idx]
+        lo = 0
+        for m in GROUPS[group]:
+            width = dims[m][1]
+            if (layer, m) in A:
+                a, b = A[layer, m].to(dtype).float(), B[layer, m].to(dtype).float()
+                v = scale * (a @ x[t].float())
+                if t in rounded:
+                    v = v.to(torch.bfloat16).float()
+                delta[t, lo : lo + width] = b @ v
+                bound[t, lo : lo + width] = (b.abs() @ v.abs()) * 2**-8
+            lo += width
+    return delta, bound
 
 
-def _check_against_reference(segments, weights, token_adapter, meta, dtype, gen):
+def _check_against_reference(segments, weights, token_adapter, meta, dtype, gen, dims=DIMS):
+    """y after the kernel vs the reference, every layer and group. bfloat16: one rounding of y,
+    and for AMX rows (segments >= meta's amx_rows, groups whose input width is a multiple of
+    32) v rounded to bfloat16 too."""
     T = len(token_adapter)
+    amx = meta.cpu.amx_rows if meta.cpu is not None else 0
+    amx_rows = {
+        t for s in segments if amx and s.end - s.start >= amx for t in range(s.start, s.end)
+    }
     for layer in range(LAYERS):
-        for group, (d_in, d_out) in GROUP_DIMS.items():
+        for group in GROUPS:
+            d_in = dims[GROUPS[group][0]][0]
+            d_out = sum(dims[m][1] for m in GROUPS[group])
             x = torch.randn(T, d_in, generator=gen).to(dtype)
             y0 = torch.randn(T, d_out, generator=gen).to(dtype)
             y = y0.clone()
             lora_apply_cpu(x, y, layer, group, meta)
-            want = y0.float() + _reference(x, layer, group, weights, token_adapter, dtype)
+            rounded = amx_rows if d_in % 32 == 0 else set()
+            delta, bound = _reference(x, layer, group, weights, token_adapter, dtype, dims, rounded)
+            want = y0.float() + delta
             base = [t for t, a in enumerate(token_adapter) if a < 0]
             assert torch.equal(y[base], y0[base]), "base-only rows were touched"
             if dtype == torch.float32:
                 scale = want.abs().max().item()  # float32 sums differ in order only
                 torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6 * scale)
-            else:  # one bf16 rounding of a float32 sum
-                tol = want.abs() * 2**-8 + 1e-2
+            else:  # one bf16 rounding of a float32 sum (and of v: ties may round either way)
+                tol = want.abs() * 2**-8 + 1e-2 + bound
                 assert ((y.float() - want).abs() <= tol).all(), f"layer {layer} {group}"
 
 
@@ -113,6 +136,57 @@ def test_kernel_matches_reference(rank, num_adapters, dtype):
     meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
     assert meta.cpu is not None and meta.segments == [] and meta.has_lora
     _check_against_reference(segments, weights, token_adapter, meta, dtype, gen)
+
+
+# The AMX path needs input widths that are multiples of 32 (INTER too); KV_DIM keeps odd output
+# widths, and 608 columns span several tile groups with a tail.
+AMX_DIMS = module_dims(HIDDEN, Q_DIM, KV_DIM, 608)
+needs_amx = pytest.mark.skipif(not amx_available(), reason="no AMX (CPU, compiler or OS)")
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "specs",
+    [
+        [(1, ALL, 16), (8, ALL, 17), (16, ALL, 40)],  # AMX_ROWS exactly, one row over, a few tiles
+        [(64, ALL, 33), (72, ALL, 300), (8, ALL, 1), (5, ALL, 15)],  # 2 K tiles; 2 pieces; short
+        [(32, ("q_proj", "v_proj", "down_proj"), 64), (3, ("o_proj",), 20), (16, ALL, 2)],
+    ],
+)
+def test_amx_path_matches_reference(specs):
+    """Long bf16 segments through AMX tiles (v rounded to bf16 once), short ones through the
+    vector path, in the same calls; ranks that pad to 32 and to 96, rows that pad to 16."""
+    gen = torch.Generator().manual_seed(len(specs) * 7 + specs[0][0])
+    segments, weights, token_adapter, _ = _batch(specs, torch.bfloat16, gen, dims=AMX_DIMS)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    assert meta.cpu.amx_rows == AMX_ROWS and meta.segments == []  # no torch path with AMX
+    _check_against_reference(segments, weights, token_adapter, meta, torch.bfloat16, gen, AMX_DIMS)
+
+
+@needs_amx
+def test_amx_rows_do_not_depend_on_their_neighbours():
+    """Bitwise: an AMX row's result is the same whatever rows share its tiles or segment."""
+    gen = torch.Generator().manual_seed(13)
+    n, dims = 40, AMX_DIMS
+    segments, _, _, _ = _batch([(24, ALL, n)], torch.bfloat16, gen, n_base=0, dims=dims)
+    records = [adapter_records(segments[0].views)]
+    x = torch.randn(n, HIDDEN, generator=gen).to(torch.bfloat16)
+    y0 = torch.randn(n, 2 * 608, generator=gen).to(torch.bfloat16)
+    together = y0.clone()
+    lora_apply_cpu(x, together, 1, "gate_up", build_cpu_lora_meta(segments, records))
+    for lo, hi in [(0, 16), (7, 24), (21, 40)]:
+        seg = LoRASegment(0, hi - lo, 0, 24, segments[0].scale, segments[0].views)
+        part = y0[lo:hi].clone()
+        lora_apply_cpu(x[lo:hi], part, 1, "gate_up", build_cpu_lora_meta([seg], records))
+        assert torch.equal(part, together[lo:hi]), f"rows {lo}:{hi}"
+
+
+def test_amx_is_refused_where_it_cannot_run():
+    gen = torch.Generator().manual_seed(2)
+    segments, _, _, _ = _batch([(4, ALL, 20)], torch.float32, gen)
+    with pytest.raises(ValueError, match="AMX path needs bfloat16"):
+        build_cpu_lora_meta(segments, [adapter_records(segments[0].views)], amx_rows=16)
+    assert build_cpu_lora_meta(segments, [adapter_records(segments[0].views)]).cpu.amx_rows == 0
 
 
 def test_long_segments_stay_on_the_torch_path():
