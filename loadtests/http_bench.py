@@ -146,7 +146,8 @@ def measure_http(args, server: ServerProcess, prompts, models) -> tuple[dict, li
     row = {"system": "loraplex", "workload": "HTTP streamed", "requests": len(results),
            "output_tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
            "other_load": meter.other_load, "client_cpu": meter.own_cores,
-           "server_cpu": meter.server_cores, **latency_summary(results)}  # fmt: skip
+           "server_cpu": meter.server_cores, "server_loop_cpu": meter.server_loop_cores,
+           **latency_summary(results)}  # fmt: skip
     return row, results
 
 
@@ -245,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label}: {value:.2f}x{verdict}")
     other = _fmt(http["other_load"], ".2f")
     print(f"HTTP clients used {http['client_cpu']:.2f} cores, the server "
-          f"{http['server_cpu']:.2f} cores (other load {other})")  # fmt: skip
+          f"{http['server_cpu']:.2f} cores, {http['server_loop_cpu']:.2f} of them on its event "
+          f"loop thread (other load {other})")  # fmt: skip
     if server.returncode != 0:
         print(f"warning: loraplex serve exited with status {server.returncode} on SIGTERM")
     if check is not None:

@@ -211,10 +211,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a live process (Linux /proc), NaN elsewhere."""
+def process_cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU seconds of a live process, or of its thread `tid` (Linux /proc), NaN
+    elsewhere."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(path).read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return math.nan
@@ -292,20 +294,24 @@ class ServerProcess:
 
 class CpuMeter:
     """Wall time of a block and CPU use meanwhile, in cores: this process (`own_cores`), the
-    server process (`server_cores`), and everything else on the machine (`other_load`:
-    /proc/stat busy time minus both, as in `loraplex bench throughput`; None off Linux)."""
+    server process (`server_cores`) and its main thread, where uvicorn runs the event loop
+    (`server_loop_cores`: the HTTP side's own work; the engine runs on other threads), and
+    everything else on the machine (`other_load`: /proc/stat busy time minus this process and
+    the server, as in `loraplex bench throughput`; None off Linux)."""
 
     def __init__(self, server_pid: int) -> None:
         self.server_pid = server_pid
 
-    def _sample(self) -> tuple[float, float, float]:
+    def _sample(self) -> tuple[float, float, float, float]:
         t = os.times()
         try:
             f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
             busy = (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
         except (OSError, ValueError, IndexError):
             busy = math.nan
-        return busy, t.user + t.system, process_cpu_seconds(self.server_pid)
+        pid = self.server_pid
+        own = t.user + t.system
+        return busy, own, process_cpu_seconds(pid), process_cpu_seconds(pid, tid=pid)
 
     def __enter__(self) -> CpuMeter:
         self.s0, self.t0 = self._sample(), time.perf_counter()
@@ -313,8 +319,9 @@ class CpuMeter:
 
     def __exit__(self, *exc) -> None:
         self.wall = time.perf_counter() - self.t0
-        (b0, o0, s0), (b1, o1, s1) = self.s0, self._sample()
+        (b0, o0, s0, l0), (b1, o1, s1, l1) = self.s0, self._sample()
         self.own_cores = (o1 - o0) / self.wall
         self.server_cores = (s1 - s0) / self.wall
+        self.server_loop_cores = (l1 - l0) / self.wall
         other = ((b1 - b0) - (o1 - o0) - (s1 - s0)) / self.wall
         self.other_load = None if math.isnan(other) else max(0.0, other)

@@ -77,6 +77,7 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert web["tok_per_s"] == pytest.approx(16 / web["wall_s"])
     assert 0 < web["ttft_p50"] <= web["ttft_p90"] < web["wall_s"]
     assert web["itl_p50"] > 0 and web["server_cpu"] > 0
+    assert 0 <= web["server_loop_cpu"] <= web["server_cpu"]  # a thread of it (NaN fails)
     assert data["outputs_identical"] == [4, 4]
     assert data["server_returncode"] == 0  # SIGTERM: graceful exit
     setup = data["setup"]  # the server got the offline bench's engine options
