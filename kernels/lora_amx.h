@@ -9,7 +9,8 @@
  *   xp   [K/2, Mp] 32-bit pairs (x^T in AMX's pair layout, zero past the last row)
  *   v^T = A_cat [C, K] . x^T             A_cat tiles load straight from the pool (row-major)
  *   v    [Mp, nmod, Rp] bfloat16 = round(scale * v^T)^T, zero past rank (Rp = rank up to 32)
- *   y[rows, lo_m + n] += v_m . Bt_m      Bt_m [rank, w] packed per column chunk into pairs
+ *   bp_m [Rp/2, Wp] pairs = Bt_m [rank, w], rows 2kk and 2kk+1 interleaved (once per segment)
+ *   y[rows, lo_m + n] += v_m . Bt_m      one item = one 16-row tile x one module, all columns
  * Numerics: x, A_cat and Bt are bfloat16 already; the shrink sums in float32 and v is rounded
  * once to bfloat16 (as the torch path's bf16 matmul does); the expand sums in float32 and y is
  * rounded once. A row's result depends only on that row (padding rows are zeros).
@@ -66,8 +67,9 @@ static inline float bf16_float(uint16_t b) {
     return f;
 }
 
-/* n uint16 of 64-byte aligned scratch owned by the calling thread, grown as needed and kept:
- * fresh large blocks each call would be fresh pages (faults) each call. NULL if out of memory. */
+/* n uint16 of 64-byte aligned scratch owned by the calling thread, grown as needed and kept
+ * (fresh large blocks each call would be fresh pages, i.e. faults, each call; the engine's steps
+ * run on one long-lived thread, so in practice this is one block). NULL if out of memory. */
 static uint16_t *scratch_block(int64_t n) {
     static __thread uint16_t *block;
     static __thread int64_t size;

@@ -18,8 +18,10 @@ from loadtests import http_bench
 from loadtests.workloads import (
     ServerProcess,
     StreamError,
+    StreamResult,
     adapter_names,
     bench_prompts,
+    latency_summary,
     percentile,
     run_streamed,
 )
@@ -76,7 +78,9 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert data["ratios"]["HTTP / offline"] == pytest.approx(web["tok_per_s"] / off["tok_per_s"])
     assert web["tok_per_s"] == pytest.approx(16 / web["wall_s"])
     assert 0 < web["ttft_p50"] <= web["ttft_p90"] < web["wall_s"]
-    assert web["itl_p50"] > 0 and web["server_cpu"] > 0
+    # ITL needs two chunks in some stream; the tiny model can finish a 4-token request before
+    # the event loop reads its queue, and the server then sends it as one chunk (by design).
+    assert (web["itl_p50"] is None or web["itl_p50"] > 0) and web["server_cpu"] > 0
     assert 0 <= web["server_loop_cpu"] <= web["server_cpu"]  # a thread of it (NaN fails)
     assert data["outputs_identical"] == [4, 4]
     assert data["server_returncode"] == 0  # SIGTERM: graceful exit
@@ -132,6 +136,17 @@ def test_server_that_cannot_start_fails_fast(tmp_path):
     with pytest.raises(SystemExit, match="exited with status"):
         with ServerProcess(LORAPLEX, ["--model", str(tmp_path / "missing")], 0, str(tmp_path)):
             pass
+
+
+def test_latency_summary_from_chunk_times():
+    a = StreamResult(0, t_start=10.0, t_first=10.5, chunk_times=[10.5, 10.7, 11.0],
+                     completion_tokens=4)  # fmt: skip
+    b = StreamResult(1, t_start=20.0, t_first=21.0, chunk_times=[21.0], completion_tokens=1)
+    got = latency_summary([a, b])
+    assert got["ttft_p50"] == pytest.approx(0.75) and got["ttft_p90"] == pytest.approx(0.95)
+    assert got["itl_p50"] == pytest.approx(0.25)  # gaps 0.2 and 0.3; b has none
+    assert got["tpot_p50"] == pytest.approx(0.5 / 3)  # b (one token) has no TPOT
+    assert latency_summary([b])["itl_p50"] is None
 
 
 def test_percentile_and_cli_validation():
