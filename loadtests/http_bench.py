@@ -11,12 +11,16 @@
 2. Then starts `loraplex serve` with exactly those engine options on a free loopback port,
    waits for `/health`, and drives the same prompts (request i -> adapter i % K) as streamed
    completions, `--concurrency` clients at a time (`loadtests.workloads.run_streamed`), after
-   `--warmup` short rounds; with `--repeat` the fastest run counts. Output tokens are counted
-   from each stream's `usage` chunk; TTFT/ITL are measured by the clients.
-3. With `--check-outputs`, sends the workload once more (untimed, with logprobs) and compares
+   `--warmup` short rounds. Output tokens are counted from each stream's `usage` chunk;
+   TTFT/ITL are measured by the clients.
+3. `--repeat N`: N offline and N HTTP timed runs, alternating (offline, HTTP, offline, ...;
+   the later offline runs are `bench throughput --baseline none` subprocesses while the server
+   sits idle), so that both rows see the same phases of a noisy machine; the fastest run of
+   each counts.
+4. With `--check-outputs`, sends the workload once more (untimed, with logprobs) and compares
    it to `loraplex generate` on the same requests: same token count, text, and per-token
    log-probabilities within 1e-3 count as identical.
-4. Prints one table (offline, HTTP, PEFT rows) and the ratios HTTP / offline (target 0.9x) and
+5. Prints one table (offline, HTTP, PEFT rows) and the ratios HTTP / offline (target 0.9x) and
    HTTP / PEFT (target 3x); stops the server with SIGTERM. Exit status 0 unless something
    failed (missed targets are reported, not failures).
 
@@ -65,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--baseline", choices=("none", "peft"), default="peft")
-    p.add_argument("--repeat", type=int, default=1, help="timed runs per row; fastest counts")
+    p.add_argument(
+        "--repeat", type=int, default=1, help="timed runs per row (alternating); fastest counts"
+    )
     p.add_argument("--warmup", type=int, default=1, help="untimed short rounds per row")
     p.add_argument("--port", type=int, default=0, help="server port (0: a free one)")
     p.add_argument(
@@ -110,10 +116,11 @@ def engine_flags(setup: dict) -> list[str]:
     return out
 
 
-def run_offline(exe: str, args, tmp: str) -> dict:
+def run_offline(exe: str, args, tmp: str, baseline: str) -> dict:
+    """One timed offline run (after `--warmup` rounds) in a `bench throughput` subprocess."""
     js = os.path.join(tmp, "offline.json")
     argv = [exe, "--log-level", "WARNING", "bench", "throughput", *workload_flags(args),
-            "--baseline", args.baseline, "--no-also-base", "--repeat", str(args.repeat),
+            "--baseline", baseline, "--no-also-base", "--repeat", "1",
             "--warmup", str(args.warmup), "--json-out", js]  # fmt: skip
     if args.model:
         argv += ["--model", args.model]
@@ -125,30 +132,36 @@ def run_offline(exe: str, args, tmp: str) -> dict:
     return data
 
 
-def measure_http(args, server: ServerProcess, prompts, models) -> tuple[dict, list]:
-    """Warm-up rounds, then `--repeat` timed runs; the fastest one's row and results."""
+def offline_row(data: dict) -> dict:
+    return next(r for r in data["rows"] if r["system"] == "loraplex")
+
+
+def warm_up_http(args, server: ServerProcess, prompts, models) -> None:
     n = min(args.concurrency, len(prompts))
     for _ in range(args.warmup):
         asyncio.run(run_streamed(server.url, prompts[:n], models[:n], min(4, args.output_len), n))
-    best = None
-    for _ in range(args.repeat):
-        with CpuMeter(server.pid) as meter:
-            wall, results = asyncio.run(
-                run_streamed(server.url, prompts, models, args.output_len, args.concurrency)
-            )
-        if best is None or wall < best[0]:
-            best = (wall, results, meter)
-    wall, results, meter = best
+
+
+def run_http(args, server: ServerProcess, prompts, models) -> tuple[float, list, CpuMeter]:
+    """One timed HTTP run: (wall seconds, results, CPU meter)."""
+    with CpuMeter(server.pid) as meter:
+        wall, results = asyncio.run(
+            run_streamed(server.url, prompts, models, args.output_len, args.concurrency)
+        )
+    return wall, results, meter
+
+
+def http_row(args, run: tuple[float, list, CpuMeter]) -> dict:
+    wall, results, meter = run
     bad = [r.index for r in results if r.completion_tokens != args.output_len]
     if bad:
         raise SystemExit(f"http_bench: requests {bad[:8]} did not produce {args.output_len} tokens")
     tokens = sum(r.completion_tokens for r in results)
-    row = {"system": "loraplex", "workload": "HTTP streamed", "requests": len(results),
-           "output_tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
-           "other_load": meter.other_load, "client_cpu": meter.own_cores,
-           "server_cpu": meter.server_cores, "server_loop_cpu": meter.server_loop_cores,
-           **latency_summary(results)}  # fmt: skip
-    return row, results
+    return {"system": "loraplex", "workload": "HTTP streamed", "requests": len(results),
+            "output_tokens": tokens, "wall_s": wall, "tok_per_s": tokens / wall,
+            "other_load": meter.other_load, "client_cpu": meter.own_cores,
+            "server_cpu": meter.server_cores, "server_loop_cpu": meter.server_loop_cores,
+            **latency_summary(results)}  # fmt: skip
 
 
 def check_outputs(exe, args, setup, server, prompts, models, tmp) -> tuple[int, int]:
@@ -219,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     exe = loraplex_exe(args.loraplex)
     with tempfile.TemporaryDirectory(prefix="loraplex-http-bench-") as tmp:
         print("offline: loraplex bench throughput ...", flush=True)
-        data = run_offline(exe, args, tmp)
+        data = run_offline(exe, args, tmp, args.baseline)
         setup, rows = data["setup"], data["rows"]
-        offline = next(r for r in rows if r["system"] == "loraplex")
+        offline_runs = [offline_row(data)]
         peft = next((r for r in rows if r["system"] == "peft" and r["workload"] != "base only"),
                     None)  # fmt: skip
         names = list(setup["adapters"])
@@ -229,13 +242,22 @@ def main(argv: list[str] | None = None) -> int:
         prompts = bench_prompts(args.num_requests, args.prompt_len, vocab, args.seed)
         print(f"model: {setup['model']}, adapters: {', '.join(names) or 'none'}")
         print(f"machine: {setup.get('machine')}, torch threads {setup.get('threads')}")
-        print(f"HTTP: loraplex serve, {args.concurrency} streaming clients ...", flush=True)
+        print(f"HTTP: loraplex serve, {args.concurrency} streaming clients; {args.repeat} offline "
+              f"and {args.repeat} HTTP runs, alternating ...", flush=True)  # fmt: skip
         with ServerProcess(exe, engine_flags(setup), args.port, tmp) as server:
             models = [n or server.base_id for n in adapter_names(names, len(prompts))]
-            http, _ = measure_http(args, server, prompts, models)
+            warm_up_http(args, server, prompts, models)
+            http_runs = [run_http(args, server, prompts, models)]
+            for _ in range(args.repeat - 1):
+                offline_runs.append(offline_row(run_offline(exe, args, tmp, "none")))
+                http_runs.append(run_http(args, server, prompts, models))
             check = None
             if args.check_outputs:
                 check = check_outputs(exe, args, setup, server, prompts, models, tmp)
+    offline = min(offline_runs, key=lambda r: r["wall_s"])
+    http = http_row(args, min(http_runs, key=lambda r: r[0]))
+    all_runs = {"offline_tok_per_s": [r["tok_per_s"] for r in offline_runs],
+                "http_tok_per_s": [http["output_tokens"] / w for w, _, _ in http_runs]}  # fmt: skip
     table = [dict(offline, workload=f"offline, {offline['workload']}"), http]
     table += [peft] if peft else []
     print("\n" + format_table(table) + "\n\noutput tok/s ratios:")
@@ -244,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "" if target is None else f"  (target >= {target}x: "
         verdict += "" if target is None else ("met)" if value >= target else "MISSED)")
         print(f"  {label}: {value:.2f}x{verdict}")
+    if args.repeat > 1:
+        print("every run, in order (out tok/s): offline "
+              + ", ".join(f"{v:.1f}" for v in all_runs["offline_tok_per_s"]) + "; HTTP "
+              + ", ".join(f"{v:.1f}" for v in all_runs["http_tok_per_s"]))  # fmt: skip
     other = _fmt(http["other_load"], ".2f")
     print(f"HTTP clients used {http['client_cpu']:.2f} cores, the server "
           f"{http['server_cpu']:.2f} cores, {http['server_loop_cpu']:.2f} of them on its event "
@@ -254,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"HTTP greedy outputs identical to the offline engine's: {check[0]}/{check[1]}")
     if args.json_out:
         out = {"setup": setup | {"workload_seed": args.seed}, "rows": table,
-               "ratios": {k: v for k, v, _ in found},
+               "ratios": {k: v for k, v, _ in found}, "runs": all_runs,
                "outputs_identical": None if check is None else list(check),
                "server_returncode": server.returncode}  # fmt: skip
         Path(args.json_out).write_text(json.dumps(out, indent=2) + "\n")

@@ -58,7 +58,8 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     js = tmp_path / "http.json"
     argv = ["--model", tiny["model"], *_adapter_flags(tiny), "--num-adapters", "2",
             "--num-requests", "4", "--output-len", "4", "--prompt-len", "8", "--concurrency", "2",
-            "--baseline", "none", "--check-outputs", "--json-out", str(js)]  # fmt: skip
+            "--baseline", "none", "--check-outputs", "--repeat", "2",
+            "--json-out", str(js)]  # fmt: skip
     assert http_bench.main(argv) == 0
     out = capsys.readouterr().out
     head = r"^system\s+workload\s+requests\s+out tokens\s+wall s\s+out tok/s\s+"
@@ -83,6 +84,11 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert (web["itl_p50"] is None or web["itl_p50"] > 0) and web["server_cpu"] > 0
     assert 0 <= web["server_loop_cpu"] <= web["server_cpu"]  # a thread of it (NaN fails)
     assert data["outputs_identical"] == [4, 4]
+    # --repeat 2: two offline and two HTTP runs, alternating; the table shows the fastest of each
+    assert "2 offline and 2 HTTP runs, alternating" in out and "every run, in order" in out
+    assert len(data["runs"]["offline_tok_per_s"]) == len(data["runs"]["http_tok_per_s"]) == 2
+    assert off["tok_per_s"] == pytest.approx(max(data["runs"]["offline_tok_per_s"]))
+    assert web["tok_per_s"] == pytest.approx(max(data["runs"]["http_tok_per_s"]))
     assert data["server_returncode"] == 0  # SIGTERM: graceful exit
     setup = data["setup"]  # the server got the offline bench's engine options
     assert setup["max_num_seqs"] == 2 and setup["pool_bytes"] > 0
