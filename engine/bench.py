@@ -5,7 +5,9 @@ adapter i % K, greedy, `ignore_eos`, exactly `--output-len` new tokens each. Our
 N at once with `max_num_seqs = --concurrency` (continuous batching); the PEFT baseline runs
 static batches of `--concurrency` requests through `PeftModel.generate(adapter_names=...)` with
 all K adapters loaded (its base-only row is the plain transformers model). Only generation is
-timed (time.perf_counter), after `--warmup` short runs; with `--repeat` the fastest run counts.
+timed (time.perf_counter), after `--warmup` short runs; with `--repeat` the fastest run counts,
+and our mixed and base-only runs alternate (mixed, base, mixed, ...) so their ratio compares
+runs from the same phases of a noisy machine.
 Without `--model`, a 29.7M-parameter Llama-shaped checkpoint and its adapters are built once
 into `<cache>/bench-v1` (cache: $LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
 """
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from engine.bench_report import BASE, Row, format_table, measure, ratios
+from engine.bench_report import BASE, Row, format_table, measure, measure_side_by_side, ratios
 
 logger = logging.getLogger(__name__)
 
@@ -116,20 +118,20 @@ def _pool_bytes(args, spec, adapters: dict[str, str], elem: int) -> int:
     return 2 * total
 
 
-def run_ours(llm, prompts, adapters, args, workload: str) -> tuple[Row, list[list[int]]]:
-    """All requests submitted at once; the engine batches up to `concurrency` of them."""
+def ours(llm, prompts, adapters, args, workload: str) -> tuple:
+    """(system, workload, run, warm) for `measure_side_by_side`: all requests submitted at
+    once; the engine batches up to `concurrency` of them."""
     from scheduler.sequence import SamplingParams
 
     alist = adapters or [None] * len(prompts)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     warm = SamplingParams(max_tokens=min(4, args.output_len), temperature=0.0, ignore_eos=True)
     n = min(args.concurrency, len(prompts))
-    return measure(
+    return (
         "loraplex",
         workload,
         lambda: [o.token_ids for o in llm.generate(prompts, params, alist)],
         lambda: llm.generate(prompts[:n], warm, alist[:n]),
-        args,
     )
 
 
@@ -235,15 +237,16 @@ def throughput(args: argparse.Namespace) -> int:
         llm = LLM(**dataclasses.asdict(cfg) | {"adapters": adapters})
         backends = dict(llm.engine.backends)
         print(f"loraplex paths: lora {backends['lora']}, attention {backends['attention']}")
-        row, ours = run_ours(llm, prompts, alist, args, workload)
-        rows = [row]
-        if names and args.also_base:
-            rows.append(run_ours(llm, prompts, None, args, BASE)[0])
+        specs = [ours(llm, prompts, alist, args, workload)]
+        if names and args.also_base:  # mixed and base-only runs alternate (their ratio counts)
+            specs.append(ours(llm, prompts, None, args, BASE))
+        measured = measure_side_by_side(specs, args)
+        rows, outputs = [row for row, _ in measured], measured[0][1]
         del llm
         if args.baseline == "peft":
             results = run_peft(model_dir, adapters, prompts, alist, args, workload)
             rows += [r for r, _ in results]
-            same = sum(a == b for a, b in zip(ours, results[-1][1], strict=True))
+            same = sum(a == b for a, b in zip(outputs, results[-1][1], strict=True))
     print("\n" + format_table(rows) + "\n\noutput tok/s ratios:")
     found = ratios(rows)
     for label, value, target in found:
@@ -251,7 +254,7 @@ def throughput(args: argparse.Namespace) -> int:
         verdict += "" if target is None else ("met)" if value >= target else "MISSED)")
         print(f"  {label}: {value:.2f}x{verdict}")
     if args.baseline == "peft":
-        print(f"greedy outputs identical to PEFT's: {same}/{len(ours)} requests")
+        print(f"greedy outputs identical to PEFT's: {same}/{len(outputs)} requests")
     if args.json_out:
         setup = {k: v for k, v in vars(args).items() if k != "func"}
         setup |= dataclasses.asdict(cfg) | {"adapters": adapters, "machine": machine}

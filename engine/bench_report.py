@@ -58,17 +58,28 @@ class _Timed:
 def measure(system, workload, run, warm, args) -> tuple[Row, list[list[int]]]:
     """`warm()` `--warmup` times, then `run()` (-> output token lists) `--repeat` times; the
     fastest repetition (the one least disturbed by other processes) is kept."""
-    for _ in range(args.warmup):
-        warm()
-    best = None
+    return measure_side_by_side([(system, workload, run, warm)], args)[0]
+
+
+def measure_side_by_side(specs, args) -> list[tuple[Row, list[list[int]]]]:
+    """`measure` for several (system, workload, run, warm) at once, their timed runs
+    alternating (a, b, a, b, ...) so that every row sees the same phases of a noisy machine;
+    the fastest repetition of each is kept. Warm-ups all come first."""
+    for _, _, _, warm in specs:
+        for _ in range(args.warmup):
+            warm()
+    best: list = [None] * len(specs)
     for _ in range(args.repeat):
-        with _Timed() as t:
-            outs = run()
-        if best is None or t.wall < best[0].wall:
-            best = (t, outs)
-    t, outs = best
-    tokens = sum(len(o) for o in outs)
-    return Row(system, workload, len(outs), tokens, t.wall, t.other_load), outs
+        for i, (_, _, run, _) in enumerate(specs):
+            with _Timed() as t:
+                outs = run()
+            if best[i] is None or t.wall < best[i][0].wall:
+                best[i] = (t, outs)
+    result = []
+    for (system, workload, _, _), (t, outs) in zip(specs, best, strict=True):
+        tokens = sum(len(o) for o in outs)
+        result.append((Row(system, workload, len(outs), tokens, t.wall, t.other_load), outs))
+    return result
 
 
 def format_table(rows: list[Row]) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+import time
+from types import SimpleNamespace
 
 import pytest
 
-from engine.bench_report import Row, format_table
+from engine.bench_report import Row, format_table, measure_side_by_side
 from engine.cli import main
 
 
@@ -98,3 +100,24 @@ def test_format_table_aligns_columns():
     assert lines[2].split() == ["loraplex", "8", "adapters", "(mixed)", "64", "4096", "10.000",
                                 "6.40", "409.6", "0.10"]  # fmt: skip
     assert lines[3].split()[-1] == "n/a"
+
+
+def test_side_by_side_runs_alternate_and_keep_each_rows_fastest():
+    calls = []
+    delays = {"a": [0.2, 0.0, 0.1], "b": [0.0, 0.2, 0.1]}  # well apart: a loaded CI stays ordered
+
+    def runner(name):
+        def run():
+            calls.append(name)
+            time.sleep(delays[name][calls.count(name) - 1])
+            return [[calls.count(name)] * 2]  # one request; its "tokens" say which run it was
+
+        return run
+
+    specs = [(name, "w", runner(name), lambda n=name: calls.append("warm " + n)) for name in "ab"]
+    (row_a, out_a), (row_b, out_b) = measure_side_by_side(
+        specs, SimpleNamespace(warmup=1, repeat=3)
+    )
+    assert calls == ["warm a", "warm b", "a", "b", "a", "b", "a", "b"]
+    assert out_a == [[2, 2]] and out_b == [[1, 1]]  # each row's fastest run
+    assert row_a.system == "a" and row_a.output_tokens == 2 and row_a.wall_s < 0.1
