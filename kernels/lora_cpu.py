@@ -38,7 +38,8 @@ from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_ap
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("lora_cpu.c")
-HEADERS = (Path(__file__).with_name("lora_amx.h"),)  # included by SOURCE: part of the build key
+# included by SOURCE: part of the build key
+HEADERS = (Path(__file__).with_name("lora_vec.h"), Path(__file__).with_name("lora_amx.h"))
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}

@@ -1,0 +1,228 @@
+/* Vector building blocks of the CPU LoRA kernel (lora_cpu.c): loads and stores of float32 or
+ * bfloat16 as float32 vectors, and the register-blocked shrink and expand of up to RB rows.
+ * Included by lora_cpu.c, which holds the contract and splits the work between threads.
+ * Arithmetic is float32 whatever the storage type; rows are independent lanes (a row's result
+ * does not depend on the other rows of its block). */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#define VL 16      /* floats per vector */
+#define STEP 32    /* elements per step: two vectors */
+#define RB 4       /* rows per register block */
+#define JB 16      /* A rows per shrink item */
+#define CW 512     /* output columns per expand item (a multiple of STEP) */
+#define PF 2       /* expand: prefetch the chunk this many rows of Bt ahead */
+#define STRIP 64   /* expand of long segments: output columns held in registers */
+#define LONG_ROWS 8 /* segments of at least this many rows use the register strips */
+
+typedef float vf __attribute__((vector_size(VL * 4)));
+typedef uint32_t vu __attribute__((vector_size(VL * 4)));
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* STEP elements from p + i as two float vectors. float32: elements [0, 16) and [16, 32).
+ * bfloat16: the even and the odd elements; a 32-bit load holds a pair, and a bf16 is the top
+ * half of its float32, so the split is a shift and a mask (no shuffles). Stores use the same
+ * arrangement, and a dot product does not care about the order of its terms. */
+ALWAYS_INLINE void ld2(const void *p, int64_t i, vf *lo, vf *hi, const int dt) {
+    if (dt == 0) {
+        memcpy(lo, (const float *)p + i, sizeof *lo);
+        memcpy(hi, (const float *)p + i + VL, sizeof *hi);
+    } else {
+        vu u, e, o;
+        memcpy(&u, (const uint16_t *)p + i, sizeof u);
+        e = u << 16;
+        o = u & 0xFFFF0000u;
+        memcpy(lo, &e, sizeof e);
+        memcpy(hi, &o, sizeof o);
+    }
+}
+
+/* float32 -> bfloat16 bits in the top half, round to nearest even; NaN stays a quiet NaN. */
+ALWAYS_INLINE vu round_bf16(vf f) {
+    vu u, nan = (vu)(f != f);
+    memcpy(&u, &f, sizeof u);
+    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+    return (r & ~nan) | ((u | 0x400000u) & 0xFFFF0000u & nan);
+}
+
+ALWAYS_INLINE void st2(void *p, int64_t i, vf lo, vf hi, const int dt) {
+    if (dt == 0) {
+        memcpy((float *)p + i, &lo, sizeof lo);
+        memcpy((float *)p + i + VL, &hi, sizeof hi);
+    } else {
+        vu u = (round_bf16(lo) >> 16) | round_bf16(hi);
+        memcpy((uint16_t *)p + i, &u, sizeof u);
+    }
+}
+
+ALWAYS_INLINE float lds(const void *p, int64_t i, const int dt) {
+    if (dt == 0) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+ALWAYS_INLINE void sts(void *p, int64_t i, float f, const int dt) {
+    if (dt == 0) {
+        ((float *)p)[i] = f;
+    } else {
+        vf v = (vf){0} + f;
+        ((uint16_t *)p)[i] = (uint16_t)(round_bf16(v)[0] >> 16);
+    }
+}
+
+/* Ask for the cache lines of STEP elements at p + i (rows of Bt are strided chunks, which the
+ * hardware prefetchers follow late). */
+ALWAYS_INLINE void prefetch(const void *p, int64_t i, const int dt) {
+    const char *c = dt == 0 ? (const char *)((const float *)p + i) : (const char *)((const uint16_t *)p + i);
+    __builtin_prefetch(c);
+    if (dt == 0) __builtin_prefetch(c + 64);
+}
+
+/* Sum of the 16 lanes as a fixed tree (a serial chain would cost 16 dependent adds). */
+ALWAYS_INLINE float hsum(vf v) {
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    v8 lo8, hi8;
+    memcpy(&lo8, &v, sizeof lo8);
+    memcpy(&hi8, (const char *)&v + sizeof lo8, sizeof hi8);
+    v8 s8 = lo8 + hi8;
+    v4 lo4, hi4;
+    memcpy(&lo4, &s8, sizeof lo4);
+    memcpy(&hi4, (const char *)&s8 + sizeof lo4, sizeof hi4);
+    v4 s4 = lo4 + hi4;
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* acc[jj][i] += A[j + jj, k:k+STEP] . x[row0 + i, k:k+STEP] for jj < JJ, i < ROWS: each A chunk is
+ * used by every row and each x chunk by every A row. bfloat16 on CPUs with AVX512-BF16: one
+ * vdpbf16ps per pair (exact products, float32 sums) and no conversion. */
+ALWAYS_INLINE void dot_step(const void *x, int64_t ldx, int64_t row0, const void *A, int64_t a0,
+                            int in_dim, int k, vf acc[2][RB], const int JJ, const int ROWS,
+                            const int dt) {
+#if defined(__AVX512BF16__)
+    if (dt == 1) {
+        __m512bh a[2], xv[RB];
+        for (int jj = 0; jj < JJ; jj++)
+            a[jj] = (__m512bh)_mm512_loadu_si512((const uint16_t *)A + a0 + (int64_t)jj * in_dim + k);
+        for (int i = 0; i < ROWS; i++)
+            xv[i] = (__m512bh)_mm512_loadu_si512((const uint16_t *)x + (row0 + i) * ldx + k);
+        for (int jj = 0; jj < JJ; jj++)
+            for (int i = 0; i < ROWS; i++)
+                acc[jj][i] = (vf)_mm512_dpbf16_ps((__m512)acc[jj][i], a[jj], xv[i]);
+        return;
+    }
+#endif
+    vf a_lo[2], a_hi[2], x_lo[RB], x_hi[RB];
+    for (int jj = 0; jj < JJ; jj++) ld2(A, a0 + (int64_t)jj * in_dim + k, &a_lo[jj], &a_hi[jj], dt);
+    for (int i = 0; i < ROWS; i++) ld2(x, (row0 + i) * ldx + k, &x_lo[i], &x_hi[i], dt);
+    for (int jj = 0; jj < JJ; jj++)
+        for (int i = 0; i < ROWS; i++) acc[jj][i] += a_lo[jj] * x_lo[i] + a_hi[jj] * x_hi[i];
+}
+
+/* v[i * cols + j] = scale * dot(A[j], x[row0 + i]) for i < ROWS, j in [j0, j1). A rows are
+ * taken two at a time (JJ = 2; a last odd one alone). */
+ALWAYS_INLINE void shrink_block(const void *x, int64_t ldx, int64_t row0, const void *A,
+                                int in_dim, int j0, int j1, float scale, float *v, int cols,
+                                const int ROWS, const int dt) {
+    const int nv = in_dim / STEP * STEP;
+    for (int j = j0; j < j1; j += 2) {
+        const int JJ = j + 1 < j1 ? 2 : 1;
+        const int64_t a0 = (int64_t)j * in_dim;
+        vf acc[2][RB];
+        for (int jj = 0; jj < 2; jj++)
+            for (int i = 0; i < ROWS; i++) acc[jj][i] = (vf){0};
+        if (JJ == 2)
+            for (int k = 0; k < nv; k += STEP) {
+                /* the rows two pairs ahead (the item's A rows are one contiguous stream) */
+                prefetch(A, a0 + 4 * (int64_t)in_dim + k, dt);
+                prefetch(A, a0 + 5 * (int64_t)in_dim + k, dt);
+                dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 2, ROWS, dt);
+            }
+        else
+            for (int k = 0; k < nv; k += STEP) dot_step(x, ldx, row0, A, a0, in_dim, k, acc, 1, ROWS, dt);
+        for (int jj = 0; jj < JJ; jj++) {
+            for (int i = 0; i < ROWS; i++) {
+                float s = hsum(acc[jj][i]);
+                for (int k = nv; k < in_dim; k++)
+                    s += lds(A, a0 + (int64_t)jj * in_dim + k, dt) * lds(x, (row0 + i) * ldx + k, dt);
+                v[(int64_t)i * cols + j + jj] = s * scale;
+            }
+        }
+    }
+}
+
+/* y[row0 + i, col0 + n] += sum_k v[i * cols + k] * Bt[k, n0 + n] for n < width, i < ROWS.
+ * Rows of Bt are read front to back (a stream the prefetchers follow); the sums stay in an L1
+ * buffer (in ld2's arrangement) and y is read and written once. */
+ALWAYS_INLINE void expand_block(const float *v, int cols, int rank, const void *Bt, int64_t ldb,
+                                int n0, int width, void *y, int64_t ldy, int64_t row0,
+                                int64_t col0, const int ROWS, const int dt) {
+    vf acc[RB][CW / VL];
+    const int nv = width / STEP * STEP;
+    float tail[RB][STEP];
+    for (int i = 0; i < ROWS; i++) {
+        for (int q = 0; q < nv / VL; q++) acc[i][q] = (vf){0};
+        for (int n = 0; n < width - nv; n++) tail[i][n] = 0.f;
+    }
+    for (int k = 0; k < rank; k++) {
+        const int64_t b0 = (int64_t)k * ldb + n0;
+        float c[RB];
+        for (int i = 0; i < ROWS; i++) c[i] = v[(int64_t)i * cols + k];
+        const int64_t ahead = k + PF < rank ? PF * ldb : 0;  /* a later row's chunk */
+        for (int n = 0; n < nv; n += STEP) {
+            vf b_lo, b_hi;
+            prefetch(Bt, b0 + ahead + n, dt);
+            ld2(Bt, b0 + n, &b_lo, &b_hi, dt);
+            for (int i = 0; i < ROWS; i++) {
+                acc[i][n / VL] += c[i] * b_lo;
+                acc[i][n / VL + 1] += c[i] * b_hi;
+            }
+        }
+        for (int n = nv; n < width; n++) {
+            const float b = lds(Bt, b0 + n, dt);
+            for (int i = 0; i < ROWS; i++) tail[i][n - nv] += c[i] * b;
+        }
+    }
+    for (int i = 0; i < ROWS; i++) {
+        const int64_t y0 = (row0 + i) * ldy + col0;
+        for (int n = 0; n < nv; n += STEP) {
+            vf y_lo, y_hi;
+            ld2(y, y0 + n, &y_lo, &y_hi, dt);
+            st2(y, y0 + n, y_lo + acc[i][n / VL], y_hi + acc[i][n / VL + 1], dt);
+        }
+        for (int n = nv; n < width; n++) sts(y, y0 + n, lds(y, y0 + n, dt) + tail[i][n - nv], dt);
+    }
+}
+
+/* y[row0 + i, col0 + n] += sum_k v[i * cols + k] * Bt[k, n0 + n] for n < STRIP, i < ROWS, with
+ * the ROWS x STRIP sums in registers: for segments of many rows, where the FMAs dominate. */
+ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *Bt, int64_t ldb,
+                                int n0, void *y, int64_t ldy, int64_t row0, int64_t col0,
+                                const int ROWS, const int dt) {
+    vf acc[RB][STRIP / VL];
+    for (int i = 0; i < ROWS; i++)
+        for (int q = 0; q < STRIP / VL; q++) acc[i][q] = (vf){0};
+    for (int k = 0; k < rank; k++) {
+        vf b[STRIP / VL];
+        for (int q = 0; q < STRIP / VL; q += 2)
+            ld2(Bt, (int64_t)k * ldb + n0 + q * VL, &b[q], &b[q + 1], dt);
+        for (int i = 0; i < ROWS; i++) {
+            const vf c = (vf){0} + v[(int64_t)i * cols + k];
+            for (int q = 0; q < STRIP / VL; q++) acc[i][q] += c * b[q];
+        }
+    }
+    for (int i = 0; i < ROWS; i++) {
+        const int64_t y0 = (row0 + i) * ldy + col0;
+        for (int q = 0; q < STRIP / VL; q += 2) {
+            vf y_lo, y_hi;
+            ld2(y, y0 + q * VL, &y_lo, &y_hi, dt);
+            st2(y, y0 + q * VL, y_lo + acc[i][q], y_hi + acc[i][q + 1], dt);
+        }
+    }
+}
