@@ -7,10 +7,10 @@ Why: on the CPU the torch path (`lora_apply_torch`) issues one shrink and one ex
 true rank), threaded over (segment, block) work items in one OpenMP region.
 
 Long segments (prefill chunks): in bfloat16 on CPUs with AMX (and Linux granting it), segments
-of at least `AMX_ROWS` rows go to the kernel's AMX tile path (kernels/lora_amx.h), whatever their
-length. Otherwise segments longer than `MAX_ROWS[dtype]` stay on the torch path, where the GEMM
-libraries beat the vector kernel; a step may use both. float32 and bfloat16 (float16 uses the
-torch path).
+of `AMX_ROWS` to `AMX_MAX_ROWS` rows go to the kernel's AMX tile path (kernels/lora_amx.h).
+Otherwise segments longer than `MAX_ROWS[dtype]` (`AMX_MAX_ROWS` with AMX) stay on the torch
+path, where the GEMM libraries beat the kernel; a step may use both. float32 and bfloat16
+(float16 uses the torch path).
 
 The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
 `cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
@@ -47,8 +47,10 @@ DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # shapes, 8 segments of ranks 8-64, 2-core Xeon: float32 ~110 rows, bfloat16 ~130 rows).
 MAX_ROWS = {torch.float32: 96, torch.bfloat16: 128}
 # bfloat16 segments of at least this many rows take the AMX path when the CPU has it (below, the
-# vector path: decode rows are memory-bound and tiles of 16 rows would mostly multiply padding).
-AMX_ROWS = 16
+# vector path: decode rows are memory-bound and tiles of 16 rows would mostly multiply padding),
+# up to AMX_MAX_ROWS; longer ones go to the torch path, whose oneDNN GEMMs win there (even at
+# ~384 rows, 1.2-1.5x faster at 512-1024; docs/benchmarks.md).
+AMX_ROWS, AMX_MAX_ROWS = 16, 384
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -227,8 +229,8 @@ def build_cpu_lora_meta(
     """Split a step's segments: those of at most `max_rows` rows go to the kernel
     (`records[i]` = `adapter_records(segments[i].views)`), longer ones stay on the torch path.
     Inside the kernel, bfloat16 segments of at least `amx_rows` rows take the AMX path (0: off).
-    Defaults: with AMX (bfloat16, `amx_available()`), amx_rows = AMX_ROWS and no row limit;
-    otherwise no AMX and max_rows = MAX_ROWS of the weights' dtype."""
+    Defaults: with AMX (bfloat16, `amx_available()`), amx_rows = AMX_ROWS and max_rows =
+    AMX_MAX_ROWS; otherwise no AMX and max_rows = MAX_ROWS of the weights' dtype."""
     if not segments:
         return LoRABatchMeta([])
     dtype = _first_view(segments[0]).dtype  # one pool, one dtype
@@ -237,9 +239,7 @@ def build_cpu_lora_meta(
     if amx_rows > 0 and not (dtype == torch.bfloat16 and amx_available()):
         raise ValueError(f"the AMX path needs bfloat16 weights and an AMX CPU (have {dtype})")
     if max_rows is None:
-        max_rows = (
-            max(s.end - s.start for s in segments) if amx_rows > 0 else MAX_ROWS.get(dtype, 0)
-        )
+        max_rows = AMX_MAX_ROWS if amx_rows > 0 else MAX_ROWS.get(dtype, 0)
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
     if not short:

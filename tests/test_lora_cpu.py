@@ -25,6 +25,7 @@ from kernels.lora import (
     pack_blob,
 )
 from kernels.lora_cpu import (
+    AMX_MAX_ROWS,
     AMX_ROWS,
     MAX_ROWS,
     adapter_records,
@@ -160,6 +161,17 @@ def test_amx_path_matches_reference(specs):
     segments, weights, token_adapter, _ = _batch(specs, torch.bfloat16, gen, dims=AMX_DIMS)
     meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
     assert meta.cpu.amx_rows == AMX_ROWS and meta.segments == []  # no torch path with AMX
+    _check_against_reference(segments, weights, token_adapter, meta, torch.bfloat16, gen, AMX_DIMS)
+
+
+@needs_amx
+def test_amx_leaves_segments_over_its_limit_to_torch():
+    gen = torch.Generator().manual_seed(17)
+    specs = [(16, ALL, AMX_MAX_ROWS + 1), (8, ALL, AMX_MAX_ROWS), (4, ALL, 3)]
+    segments, weights, token_adapter, _ = _batch(specs, torch.bfloat16, gen, dims=AMX_DIMS)
+    meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
+    assert [s.adapter_idx for s in meta.segments] == [0]  # the torch path takes the longest
+    assert meta.cpu.segs[:, 2].tolist() == [8, 4] and meta.cpu.amx_rows == AMX_ROWS
     _check_against_reference(segments, weights, token_adapter, meta, torch.bfloat16, gen, AMX_DIMS)
 
 
