@@ -230,7 +230,8 @@ def build_cpu_lora_meta(
     (`records[i]` = `adapter_records(segments[i].views)`), longer ones stay on the torch path.
     Inside the kernel, bfloat16 segments of at least `amx_rows` rows take the AMX path (0: off).
     Defaults: with AMX (bfloat16, `amx_available()`), amx_rows = AMX_ROWS and max_rows =
-    AMX_MAX_ROWS; otherwise no AMX and max_rows = MAX_ROWS of the weights' dtype."""
+    AMX_MAX_ROWS (MAX_ROWS if some input width is not a multiple of 32); otherwise no AMX and
+    max_rows = MAX_ROWS of the weights' dtype."""
     if not segments:
         return LoRABatchMeta([])
     dtype = _first_view(segments[0]).dtype  # one pool, one dtype
@@ -239,7 +240,10 @@ def build_cpu_lora_meta(
     if amx_rows > 0 and not (dtype == torch.bfloat16 and amx_available()):
         raise ValueError(f"the AMX path needs bfloat16 weights and an AMX CPU (have {dtype})")
     if max_rows is None:
-        max_rows = AMX_MAX_ROWS if amx_rows > 0 else MAX_ROWS.get(dtype, 0)
+        # AMX needs input widths that are multiples of 32 (else those groups run on the vector
+        # path, which should not get segments past MAX_ROWS)
+        tiles_fit = all(g.a_t.shape[0] % 32 == 0 for s in segments for g in s.views[0].values())
+        max_rows = AMX_MAX_ROWS if amx_rows > 0 and tiles_fit else MAX_ROWS.get(dtype, 0)
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
     if not short:

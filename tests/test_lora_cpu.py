@@ -173,6 +173,10 @@ def test_amx_leaves_segments_over_its_limit_to_torch():
     assert [s.adapter_idx for s in meta.segments] == [0]  # the torch path takes the longest
     assert meta.cpu.segs[:, 2].tolist() == [8, 4] and meta.cpu.amx_rows == AMX_ROWS
     _check_against_reference(segments, weights, token_adapter, meta, torch.bfloat16, gen, AMX_DIMS)
+    # an input width the tiles cannot take (INTER 600 -> down_proj): the vector path's limit
+    segments, _, _, _ = _batch([(8, ALL, MAX_ROWS[torch.bfloat16] + 1)], torch.bfloat16, gen)
+    meta = build_cpu_lora_meta(segments, [adapter_records(segments[0].views)])
+    assert meta.cpu is None and len(meta.segments) == 1
 
 
 @needs_amx
