@@ -235,14 +235,22 @@ def build_cpu_lora_meta(
     if not segments:
         return LoRABatchMeta([])
     dtype = _first_view(segments[0]).dtype  # one pool, one dtype
+    amx_ok = dtype == torch.bfloat16 and amx_available()
     if amx_rows is None:
-        amx_rows = AMX_ROWS if dtype == torch.bfloat16 and amx_available() else 0
-    if amx_rows > 0 and not (dtype == torch.bfloat16 and amx_available()):
+        amx_rows = AMX_ROWS if amx_ok else 0
+    if amx_rows > 0 and not amx_ok:
         raise ValueError(f"the AMX path needs bfloat16 weights and an AMX CPU (have {dtype})")
+    in_dims = [0] * len(GROUPS)  # each group's input width (0: no adapter of the step has it)
+    for s in segments:
+        for name, g in s.views[0].items():
+            gi = GROUP_POS[name]
+            if in_dims[gi] not in (0, g.a_t.shape[0]):
+                raise ValueError(f"group {name}: adapters disagree on its input width")
+            in_dims[gi] = g.a_t.shape[0]
     if max_rows is None:
         # AMX needs input widths that are multiples of 32 (else those groups run on the vector
         # path, which should not get segments past MAX_ROWS)
-        tiles_fit = all(g.a_t.shape[0] % 32 == 0 for s in segments for g in s.views[0].values())
+        tiles_fit = all(d % 32 == 0 for d in in_dims)
         max_rows = AMX_MAX_ROWS if amx_rows > 0 and tiles_fit else MAX_ROWS.get(dtype, 0)
     short = [i for i, s in enumerate(segments) if s.end - s.start <= max_rows]
     long = [s for s in segments if s.end - s.start > max_rows]
@@ -252,13 +260,6 @@ def build_cpu_lora_meta(
         [[segments[i].start, segments[i].end, segments[i].rank] for i in short], dtype=torch.int64
     )
     work = sum((segments[i].end - segments[i].start) * segments[i].rank for i in short)
-    in_dims = [0] * len(GROUPS)
-    for i in short:
-        for name, g in segments[i].views[0].items():
-            gi = GROUP_POS[name]
-            if in_dims[gi] not in (0, g.a_t.shape[0]):
-                raise ValueError(f"group {name}: adapters disagree on its input width")
-            in_dims[gi] = g.a_t.shape[0]
     meta = CpuLoRAMeta(
         in_dims=tuple(in_dims),
         segs=segs,
