@@ -267,11 +267,12 @@ def _zeroed_pool(
     if device.type != "cpu":
         return torch.zeros(num_pages, page_elems, dtype=dtype, device=device)
     nbytes = num_pages * page_elems * torch.finfo(dtype).bits // 8
-    buf = mmap.mmap(-1, nbytes)
+    # private: a shared anonymous mapping is shmem, which gets no transparent huge pages
+    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_HUGEPAGE"):
         # Every decode step streams each running adapter's weights out of the pool: 2 MiB pages
-        # spare TLB misses and let the hardware prefetchers run past 4 KiB boundaries (the
-        # mixed-adapter bench step is 2-3% faster; docs/benchmarks.md). Only a hint.
+        # spare TLB misses and let the hardware prefetchers run past 4 KiB boundaries
+        # (docs/benchmarks.md). Only a hint; /proc/<pid>/smaps AnonHugePages shows it took.
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except OSError as e:

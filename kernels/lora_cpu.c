@@ -17,9 +17,11 @@
  * Effect: y[rows_s, lo_m:hi_m] += scale_s * (x[rows_s] @ A_m^T) @ B_m^T for every segment and
  * module; rows outside every segment are not touched. Segments must be disjoint.
  *
- * Arithmetic is float32 whatever the storage type (bf16 shrinks on AVX512-BF16 CPUs use
- * vdpbf16ps: exact products, float32 sums, denormals flushed); a row's result does not depend on
- * the other rows of its segment or batch (rows are independent lanes of the same instructions).
+ * Arithmetic is float32 whatever the storage type (bf16 on AVX512-BF16 CPUs uses vdpbf16ps:
+ * exact products, float32 sums, denormals flushed). bfloat16: v = scale * x A^T is rounded to
+ * bfloat16 once before the expand (as torch's bf16 matmul rounds its output, and on every path
+ * alike). A row's result does not depend on the other rows of its segment or batch (rows are
+ * independent lanes of the same instructions).
  * Work is split into (segment, row block, A-row block) shrink items and (segment, module,
  * column block) expand items; each thread of one OpenMP region takes a contiguous run of them.
  */
@@ -170,9 +172,16 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             const int64_t lo = rc[5 + t.a], w = rc[8 + t.a] - lo;
             const int n0 = t.b * CW, width = (int)(n0 + CW < w ? CW : w - n0);
             const void *Bt = (const void *)(intptr_t)rc[2 + t.a];
-            /* Many rows: 64-column strips in registers (compute-bound); the rest, and short
-             * segments, through the L1-buffer path (memory-bound: Bt read front to back). */
-            const int strips = sg[1] - sg[0] >= LONG_ROWS ? width / STRIP : 0;
+            /* float32, many rows: 64-column strips in registers (compute-bound); the rest, and
+             * short segments, through the L1-buffer path (memory-bound: Bt read front to back).
+             * bfloat16 on AVX512-BF16 CPUs: two rows of Bt per vdpbf16ps (expand_pairs) at any
+             * row count, so a row's result does not depend on the length of its segment. */
+#if defined(__AVX512BF16__)
+            const int pairs = dt == 1;
+#else
+            const int pairs = 0;
+#endif
+            const int strips = !pairs && sg[1] - sg[0] >= LONG_ROWS ? width / STRIP : 0;
             for (int st = 0; st < strips; st++) {
                 for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
                     const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
@@ -188,6 +197,16 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
                 const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
                 const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
+#if defined(__AVX512BF16__)
+                if (pairs) {
+#define PAIRS(R)                                                                                 \
+    expand_pairs(v, cols, rank, (const uint16_t *)Bt, w, n0 + done, width - done, (uint16_t *)y, \
+                 ldy, row0, lo + n0 + done, R)
+                    BY_ROWS(nr, PAIRS)
+#undef PAIRS
+                    continue;
+                }
+#endif
 #define EXPAND(R) \
     expand_block(v, cols, rank, Bt, w, n0 + done, width - done, y, ldy, row0, lo + n0 + done, R, dt)
                 BY_ROWS(nr, EXPAND)

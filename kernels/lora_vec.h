@@ -49,6 +49,13 @@ ALWAYS_INLINE vu round_bf16(vf f) {
     return (r & ~nan) | ((u | 0x400000u) & 0xFFFF0000u & nan);
 }
 
+/* f rounded to bfloat16 (as round_bf16), back as a float: v before a bfloat16 expand. */
+ALWAYS_INLINE float to_bf16(float f) {
+    const uint32_t u = round_bf16((vf){0} + f)[0];
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 ALWAYS_INLINE void st2(void *p, int64_t i, vf lo, vf hi, const int dt) {
     if (dt == 0) {
         memcpy((float *)p + i, &lo, sizeof lo);
@@ -173,7 +180,10 @@ ALWAYS_INLINE void expand_block(const float *v, int cols, int rank, const void *
     for (int k = 0; k < rank; k++) {
         const int64_t b0 = (int64_t)k * ldb + n0;
         float c[RB];
-        for (int i = 0; i < ROWS; i++) c[i] = v[(int64_t)i * cols + k];
+        for (int i = 0; i < ROWS; i++) {
+            const float vk = v[(int64_t)i * cols + k];
+            c[i] = dt == 1 ? to_bf16(vk) : vk;
+        }
         const int64_t ahead = k + PF < rank ? PF * ldb : 0;  /* a later row's chunk */
         for (int n = 0; n < nv; n += STEP) {
             vf b_lo, b_hi;
@@ -213,7 +223,8 @@ ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *
         for (int q = 0; q < STRIP / VL; q += 2)
             ld2(Bt, (int64_t)k * ldb + n0 + q * VL, &b[q], &b[q + 1], dt);
         for (int i = 0; i < ROWS; i++) {
-            const vf c = (vf){0} + v[(int64_t)i * cols + k];
+            const float vk = v[(int64_t)i * cols + k];
+            const vf c = (vf){0} + (dt == 1 ? to_bf16(vk) : vk);
             for (int q = 0; q < STRIP / VL; q++) acc[i][q] += c * b[q];
         }
     }
@@ -226,3 +237,91 @@ ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *
         }
     }
 }
+
+#if defined(__AVX512BF16__)
+
+/* p[0:16] = bf16(p[0:16] + s), rounded to nearest even (as round_bf16). */
+ALWAYS_INLINE void add_to_bf16(uint16_t *p, __m512 s) {
+    const __m256i b = _mm256_loadu_si256((const __m256i *)p);
+    const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+    _mm256_storeu_si256((__m256i *)p, (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(f, s)));
+}
+
+/* v[i * cols + k] and v[i * cols + k + 1] rounded to bfloat16, as one 32-bit pair (low half k;
+ * the second is 0 when k + 1 == rank), broadcast to 16 lanes. */
+ALWAYS_INLINE __m512bh v_pair(const float *v, int64_t i, int cols, int k, int rank) {
+    const float lo = v[i * cols + k], hi = k + 1 < rank ? v[i * cols + k + 1] : 0.f;
+    const __m128bh p = _mm_cvtneps_pbh(_mm_setr_ps(lo, hi, 0.f, 0.f));
+    uint32_t u;
+    memcpy(&u, &p, sizeof u);
+    return (__m512bh)_mm512_set1_epi32((int)u);
+}
+
+/* bfloat16 y[row0 + i, col0 + n] += sum_k bf16(v[i * cols + k]) * Bt[k, n0 + n] for n < width,
+ * i < ROWS, two rows of Bt per instruction: rows k and k + 1 (32 columns each) interleave into
+ * pairs (vpunpck{l,h}wd), and one vdpbf16ps per 16 columns and row adds both products (exact,
+ * float32 sums). Per 128-bit lane, the low unpack holds columns 8L..8L+3 and the high one
+ * 8L+4..8L+7; the sums stay in an L1 buffer in that order and are put back in order once, when y
+ * is updated. Bt's rows are read front to back, four at a time (the reads a row of Bt costs are
+ * what bounds decode, so this path keeps few instructions per cache line). */
+ALWAYS_INLINE void expand_pairs(const float *v, int cols, int rank, const uint16_t *Bt,
+                                int64_t ldb, int n0, int width, uint16_t *y, int64_t ldy,
+                                int64_t row0, int64_t col0, const int ROWS) {
+    __m512 acc[RB][CW / VL];
+    const int nv = width / STEP * STEP;
+    float tail[RB][STEP];
+    for (int i = 0; i < ROWS; i++) {
+        for (int q = 0; q < nv / VL; q++) acc[i][q] = _mm512_setzero_ps();
+        for (int n = 0; n < width - nv; n++) tail[i][n] = 0.f;
+    }
+    const __m512i zero = _mm512_setzero_si512();
+    for (int k = 0; k < rank; k += 4) {
+        const int nk = rank - k < 4 ? rank - k : 4; /* rows of Bt in this pass */
+        const uint16_t *b0 = Bt + (int64_t)k * ldb + n0, *b1 = b0 + ldb, *b2 = b1 + ldb,
+                       *b3 = b2 + ldb;
+        __m512bh c0[RB], c1[RB];
+        for (int i = 0; i < ROWS; i++) {
+            c0[i] = v_pair(v, i, cols, k, rank);
+            c1[i] = nk > 2 ? v_pair(v, i, cols, k + 2, rank) : (__m512bh)zero;
+        }
+        const int64_t ahead = k + 4 < rank ? 4 * ldb : 0; /* the next pass's rows */
+        for (int n = 0; n < nv; n += STEP) {
+            _mm_prefetch((const char *)(b0 + ahead + n), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b1 + ahead + n), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b2 + ahead + n), _MM_HINT_T0);
+            _mm_prefetch((const char *)(b3 + ahead + n), _MM_HINT_T0);
+            const __m512i r0 = _mm512_loadu_si512(b0 + n);
+            const __m512i r1 = nk > 1 ? _mm512_loadu_si512(b1 + n) : zero;
+            const __m512i r2 = nk > 2 ? _mm512_loadu_si512(b2 + n) : zero;
+            const __m512i r3 = nk > 3 ? _mm512_loadu_si512(b3 + n) : zero;
+            const __m512bh p_lo = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+            const __m512bh p_hi = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+            const __m512bh q_lo = (__m512bh)_mm512_unpacklo_epi16(r2, r3);
+            const __m512bh q_hi = (__m512bh)_mm512_unpackhi_epi16(r2, r3);
+            for (int i = 0; i < ROWS; i++) {
+                __m512 a_lo = _mm512_dpbf16_ps(acc[i][n / VL], p_lo, c0[i]);
+                __m512 a_hi = _mm512_dpbf16_ps(acc[i][n / VL + 1], p_hi, c0[i]);
+                acc[i][n / VL] = _mm512_dpbf16_ps(a_lo, q_lo, c1[i]);
+                acc[i][n / VL + 1] = _mm512_dpbf16_ps(a_hi, q_hi, c1[i]);
+            }
+        }
+        for (int n = nv; n < width; n++)
+            for (int i = 0; i < ROWS; i++)
+                for (int t = 0; t < nk; t++)
+                    tail[i][n - nv] += to_bf16(v[(int64_t)i * cols + k + t]) *
+                                       lds(Bt, (int64_t)(k + t) * ldb + n0 + n, 1);
+    }
+    /* columns back in order: of 32 columns, c = 8L + j is lo[4L + j] (j < 4), else hi[4L + j - 4] */
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int i = 0; i < ROWS; i++) {
+        uint16_t *yr = y + (row0 + i) * ldy + col0;
+        for (int n = 0; n < nv; n += STEP) {
+            const __m512 lo = acc[i][n / VL], hi = acc[i][n / VL + 1];
+            add_to_bf16(yr + n, _mm512_permutex2var_ps(lo, first, hi));
+            add_to_bf16(yr + n + VL, _mm512_permutex2var_ps(lo, second, hi));
+        }
+        for (int n = nv; n < width; n++) sts(yr, n, lds(yr, n, 1) + tail[i][n - nv], 1);
+    }
+}
+#endif
