@@ -35,6 +35,9 @@ class Runner:
         spec = model.spec
         self.q_tile = triton_q_tile(spec.num_heads, spec.num_kv_heads)
         self._records: dict[int, tuple[list, torch.Tensor]] = {}  # uid -> (views, records)
+        # The last step's CPU LoRA meta and what it was built from: decode steps repeat the
+        # previous step's segments until a sequence joins or leaves, so most steps reuse it.
+        self._cpu_meta: tuple[tuple[list, list], LoRABatchMeta] | None = None
 
     def prepare(self, batch: ScheduledBatch) -> tuple[ForwardMeta, SamplingBatch]:
         """Items must be ordered by adapter uid (the batcher does it), so each adapter's
@@ -110,12 +113,29 @@ class Runner:
             for idx, ((lo, hi, uid), info) in enumerate(zip(runs, infos, strict=True))
         ]
         if self.lora_backend == "cpu":
-            records = [
-                self._cpu_records(uid, seg.views)
-                for seg, (_, _, uid) in zip(segments, runs, strict=True)
-            ]
-            return build_cpu_lora_meta(segments, records)
+            return self._cpu_lora_meta(segments, [uid for _, _, uid in runs])
         return LoRABatchMeta(segments)
+
+    def _cpu_lora_meta(self, segments: list[LoRASegment], uids: list[int]) -> LoRABatchMeta:
+        """The kernel's meta for these segments; the previous step's when nothing it depends on
+        changed: the same rows, adapters, ranks and scales, the same views objects (an adapter
+        rewritten to other pages gets new views; compared by identity, and held, so an id is
+        never reused) and thread count."""
+        pairs = zip(segments, uids, strict=True)
+        key = [(s.start, s.end, uid, s.rank, s.scale) for s, uid in pairs]
+        key.append(torch.get_num_threads())
+        views = [s.views for s in segments]
+        cached = self._cpu_meta
+        if (
+            cached is not None
+            and cached[0][0] == key
+            and all(a is b for a, b in zip(cached[0][1], views, strict=True))
+        ):
+            return cached[1]
+        records = [self._cpu_records(uid, v) for uid, v in zip(uids, views, strict=True)]
+        meta = build_cpu_lora_meta(segments, records)
+        self._cpu_meta = ((key, views), meta)
+        return meta
 
     def _cpu_records(self, uid: int, views: list) -> torch.Tensor:
         """The C kernel's weight records of an adapter, cached while its views stay the same

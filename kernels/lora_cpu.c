@@ -221,16 +221,33 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
     return 0;
 }
 
-int lora_segments_f32(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
-                      int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
-                      float *work, int32_t nthreads, int32_t amx_rows) {
-    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads,
-                         amx_rows, 0);
+/* One step's constant inputs, built once per step by kernels/lora_cpu.py (StepArgs there mirrors
+ * it): a call then passes only what changes, x and y, and which (layer, group) it is. */
+#define MAX_GROUPS 8
+typedef struct {
+    const int64_t *segs;    /* [nseg, 3] */
+    const int64_t *records; /* [num_layers, ngroups, nseg, REC] */
+    const float *scales;    /* [nseg] */
+    float *work;
+    int32_t nseg, ngroups, nthreads, amx_rows;
+    int32_t in_dims[MAX_GROUPS]; /* each group's input width: x's columns */
+} lora_step_t;
+
+ALWAYS_INLINE int lora_step(const void *x, int64_t ldx, void *y, int64_t ldy,
+                            const lora_step_t *st, int32_t layer_group, const int dt) {
+    const int64_t *rec = st->records + (int64_t)layer_group * st->nseg * REC;
+    return lora_segments(x, ldx, y, ldy, st->in_dims[layer_group % st->ngroups], st->nseg,
+                         st->segs, rec, st->scales, st->work, st->nthreads, st->amx_rows, dt);
 }
 
-int lora_segments_bf16(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
-                      int32_t nseg, const int64_t *segs, const int64_t *rec, const float *scales,
-                      float *work, int32_t nthreads, int32_t amx_rows) {
-    return lora_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, work, nthreads,
-                         amx_rows, 1);
+/* layer_group = layer * ngroups + group; x [*, in_dims[group]] and y as in the contract above
+ * (the caller has checked their shapes against the step). */
+int lora_step_f32(const void *x, int64_t ldx, void *y, int64_t ldy, const lora_step_t *st,
+                  int32_t layer_group) {
+    return lora_step(x, ldx, y, ldy, st, layer_group, 0);
+}
+
+int lora_step_bf16(const void *x, int64_t ldx, void *y, int64_t ldy, const lora_step_t *st,
+                   int32_t layer_group) {
+    return lora_step(x, ldx, y, ldy, st, layer_group, 1);
 }

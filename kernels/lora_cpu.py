@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("lora_cpu.c")
 HEADERS = (Path(__file__).with_name("lora_vec.h"), Path(__file__).with_name("lora_amx.h"))
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
+MAX_GROUPS = 8  # lora_cpu.c's lora_step_t.in_dims
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
 # shapes, 8 segments of ranks 8-64, 2-core Xeon: float32 ~110 rows, bfloat16 ~130 rows).
@@ -105,13 +106,13 @@ def _load() -> ctypes.CDLL:
                 os.unlink(tmp)
         logger.info("built the CPU LoRA kernel: %s", path)
     lib = ctypes.CDLL(str(path))
-    for name in ("lora_segments_f32", "lora_segments_bf16"):
+    for name in ("lora_step_f32", "lora_step_bf16"):
         fn = getattr(lib, name)
         fn.restype = ctypes.c_int
+        # x, ldx, y, ldy, step, layer_group: few arguments, as ctypes converts each on every call
         fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32,
-            ctypes.c_int32, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-            ctypes.c_int32, ctypes.c_int32,
+            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+            ctypes.c_int32,
         ]  # fmt: skip
     lib.lora_amx_init.restype = ctypes.c_int
     lib.lora_amx_init.argtypes = []
@@ -174,6 +175,22 @@ def adapter_records(views: list[dict[str, GroupViews]]) -> torch.Tensor:
     return recs
 
 
+class StepArgs(ctypes.Structure):
+    """lora_step_t of lora_cpu.c: one step's constant kernel inputs."""
+
+    _fields_ = [
+        ("segs", ctypes.c_void_p),
+        ("records", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("work", ctypes.c_void_p),
+        ("nseg", ctypes.c_int32),
+        ("ngroups", ctypes.c_int32),
+        ("nthreads", ctypes.c_int32),
+        ("amx_rows", ctypes.c_int32),
+        ("in_dims", ctypes.c_int32 * MAX_GROUPS),
+    ]
+
+
 @dataclass
 class CpuLoRAMeta:
     """One step's kernel inputs for the short segments (host tensors, kept alive by the meta).
@@ -181,7 +198,8 @@ class CpuLoRAMeta:
     segs [S, 3] int64 (row_start, row_end, rank); scales [S] float32;
     records [num_layers, len(GROUPS), S, REC] int64; work: float32 scratch, big enough for the
     widest group; keep: tensors whose storage the records point into (the adapters' views).
-    The plain ints are what each call passes (computed once per step: a call is ~30 per step).
+    `args` holds their addresses for C once per step, so a call (~30 per step) passes only x,
+    y and the (layer, group).
     """
 
     segs: torch.Tensor
@@ -190,33 +208,30 @@ class CpuLoRAMeta:
     work: torch.Tensor
     keep: list[torch.Tensor]
     dtype: torch.dtype = torch.float32  # of the weights: x and y must have it too
-    num_segs: int = 0
-    segs_ptr: int = 0
-    scales_ptr: int = 0
-    work_ptr: int = 0
-    record_ptrs: tuple[tuple[int, ...], ...] = ()  # [layer][group position]
     num_threads: int = 1
     amx_rows: int = 0  # segments of at least this many rows take the AMX path (0: none)
     # Bounds each call checks before handing raw pointers to C (a mismatch would read or write
     # out of bounds): rows the segments span, each group's input width (0: no adapter has the
-    # group) and the end of its widest output slice.
+    # group, and the call does nothing) and the end of its widest output slice.
     rows: int = 0
     in_dims: tuple[int, ...] = ()
     out_ends: tuple[int, ...] = ()
+    args: StepArgs | None = None
+    args_ptr: int = 0
 
     def __post_init__(self) -> None:
         L, G, S, _ = self.records.shape
+        if len(self.in_dims) != G or G > MAX_GROUPS:
+            raise ValueError(f"{len(self.in_dims)} input widths for {G} groups (max {MAX_GROUPS})")
         self.rows = int(self.segs[:, 1].max())
         self.out_ends = tuple(int(v) for v in self.records[..., 8:11].amax(dim=(0, 2, 3)))
-        base, stride = self.records.data_ptr(), S * REC * self.records.element_size()
-        self.num_segs = S
-        self.segs_ptr = self.segs.data_ptr()
-        self.scales_ptr = self.scales.data_ptr()
-        self.work_ptr = self.work.data_ptr()
-        self.record_ptrs = tuple(
-            tuple(base + (layer * G + g) * stride for g in range(G)) for layer in range(L)
-        )
         self.num_threads = torch.get_num_threads()
+        self.args = StepArgs(
+            self.segs.data_ptr(), self.records.data_ptr(), self.scales.data_ptr(),
+            self.work.data_ptr(), S, G, self.num_threads, self.amx_rows,
+            (ctypes.c_int32 * MAX_GROUPS)(*self.in_dims),
+        )  # fmt: skip
+        self.args_ptr = ctypes.addressof(self.args)
 
 
 def build_cpu_lora_meta(
@@ -285,37 +300,53 @@ def lora_apply_cpu(
     short segments through the kernel and long ones through torch.
 
     x: [T, in] group input; y: [T, out_total] fused base output (unit column stride, modified).
+    Called ~30 times per step, so the checks below are what a call costs: each tensor attribute
+    read is a Python-to-C++ round trip.
     """
     cpu = meta.cpu
     if cpu is not None:
-        fn = _kernel(y.dtype)
-        if x.dtype != cpu.dtype or y.dtype != cpu.dtype or y.stride(1) != 1 or y.is_cuda:
-            raise ValueError(f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())}")
         gi = GROUP_POS[group]
-        if (
-            x.shape[0] < cpu.rows
-            or y.shape[0] < cpu.rows
-            or cpu.in_dims[gi] not in (0, x.shape[1])
-            or y.shape[1] < cpu.out_ends[gi]
-        ):
-            raise ValueError(
-                f"CPU LoRA kernel, {group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
-                f"the segments (rows {cpu.rows}, in {cpu.in_dims[gi]}, out {cpu.out_ends[gi]})"
-            )
-        if x.stride(1) != 1:
-            x = x.contiguous()
-        rc = fn(
-            x.data_ptr(), x.stride(0), y.data_ptr(), y.stride(0), x.shape[1], cpu.num_segs,
-            cpu.segs_ptr, cpu.record_ptrs[layer][gi], cpu.scales_ptr,
-            cpu.work_ptr, cpu.num_threads, cpu.amx_rows,
-        )  # fmt: skip
-        if rc != 0:
-            raise MemoryError("CPU LoRA kernel: out of memory for its work list")
+        in_dim = cpu.in_dims[gi]
+        if in_dim:  # 0: no segment's adapter has this group
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            xs, ys, ldx, y_strides = x.shape, y.shape, x.stride(0), y.stride()
+            if (
+                x.dtype is not cpu.dtype
+                or y.dtype is not cpu.dtype
+                or y.is_cuda
+                or len(xs) != 2
+                or len(ys) != 2
+                or y_strides[1] != 1
+                or xs[1] != in_dim
+                or xs[0] < cpu.rows
+                or ys[0] < cpu.rows
+                or ys[1] < cpu.out_ends[gi]
+            ):
+                _refuse(x, y, group, cpu)
+            fn, ldy = _kernel(cpu.dtype), y_strides[0]
+            if fn(x.data_ptr(), ldx, y.data_ptr(), ldy, cpu.args_ptr, layer * NGROUPS + gi):
+                raise MemoryError("CPU LoRA kernel: out of memory for its work list")
     if meta.segments:
         lora_apply_torch(x, y, layer, group, meta)
 
 
+def _refuse(x: torch.Tensor, y: torch.Tensor, group: str, cpu: CpuLoRAMeta) -> None:
+    """Raise the ValueError that says why x and y cannot go to the kernel."""
+    if x.dtype != cpu.dtype or y.dtype != cpu.dtype or y.stride(-1) != 1 or y.is_cuda:
+        raise ValueError(
+            f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())} on {y.device} "
+            f"(x {x.dtype}; the weights are {cpu.dtype}, float32 and bfloat16 only)"
+        )
+    gi = GROUP_POS[group]
+    raise ValueError(
+        f"CPU LoRA kernel, {group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "
+        f"the segments (rows {cpu.rows}, in {cpu.in_dims[gi]}, out {cpu.out_ends[gi]})"
+    )
+
+
 GROUP_POS = {name: i for i, name in enumerate(GROUPS)}
+NGROUPS = len(GROUPS)
 _FUNCS: dict[torch.dtype, ctypes._CFuncPtr] = {}
 
 
@@ -324,5 +355,5 @@ def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
     if fn is None:
         if dtype not in DTYPES:
             raise ValueError(f"CPU LoRA kernel: no {dtype} version (float32, bfloat16)")
-        fn = _FUNCS[dtype] = getattr(library(), f"lora_segments_{DTYPES[dtype]}")
+        fn = _FUNCS[dtype] = getattr(library(), f"lora_step_{DTYPES[dtype]}")
     return fn

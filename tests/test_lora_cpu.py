@@ -7,6 +7,7 @@ import gc
 import logging
 import random
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -345,3 +346,28 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_p
     segments, weights, token_adapter, _ = _batch(specs, torch.float32, gen)
     meta = build_cpu_lora_meta(segments, [adapter_records(s.views) for s in segments])
     _check_against_reference(segments, weights, token_adapter, meta, torch.float32, gen)
+
+
+def test_runner_reuses_the_step_meta_only_while_its_inputs_hold(tiny_llama):
+    """Decode steps repeat the last step's segments, so the runner keeps that step's kernel meta;
+    an adapter written again (other pages, or the same ones) must not reuse stale records."""
+    from scheduler.sequence import SamplingParams
+
+    llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=8 << 20)
+    eng = llm.engine
+    assert eng.backends["lora"] == "cpu"
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    eng.add_request("a", [1, 2, 3], params, "r8_all")
+    eng.add_request("b", [4, 5], params, "r4_attn")
+    eng.step()  # both prompts prefilled
+    batch = eng.batcher.schedule()  # decode: one row each
+    first, _ = eng.runner.prepare(batch)
+    again, _ = eng.runner.prepare(batch)
+    assert first.lora.cpu is not None and again.lora is first.lora
+    eng.adapters.write(eng.adapters.uid_of("r8_all"))  # fresh views of the same adapter
+    rewritten, _ = eng.runner.prepare(batch)
+    assert rewritten.lora is not first.lora
+    assert torch.equal(rewritten.lora.cpu.records, first.lora.cpu.records)  # same pages here
+    # a step with other rows (one sequence left) builds its own
+    alone, _ = eng.runner.prepare(replace(batch, items=batch.items[:1], loaded_adapters=[]))
+    assert alone.lora is not rewritten.lora and alone.lora.cpu.segs.shape[0] == 1
