@@ -158,32 +158,56 @@ static void amx_shrink(const piece_t *p, const uint32_t *xp, uint16_t *v, const 
         amx_row_of_tiles((const char *)a, (int64_t)K * 2, 64,
                          (const char *)(xp + mb * 16), (int64_t)p->mp * 4,
                          (int64_t)16 * p->mp * 4, 64, K / 32, nm, out);
-        for (int i = 0; i < nm; i++)
-            for (int c = c0; c < C && c < c0 + 16; c++) {
-                const int j = c / rank, k = c % rank;
-                for (int m = 0; m < 16; m++) { /* out[i][row c - c0][column m] */
-                    const int64_t row = (int64_t)(mb + i) * 16 + m;
-                    v[(row * nmod + j) * rp + k] = bf16_bits(scale * out[i][(c - c0) * 16 + m]);
+        for (int i = 0; i < nm; i++) {
+            __m512i r[16]; /* out[i] is [16 A rows c][16 x rows m]: transpose to rows m */
+            for (int c = 0; c < 16; c++) r[c] = _mm512_load_si512(out[i] + c * 16);
+            transpose16(r);
+            for (int m = 0; m < 16; m++) {
+                const int64_t row = (int64_t)(mb + i) * 16 + m;
+                const __m256i b = (__m256i)_mm512_cvtneps_pbh(
+                    _mm512_mul_ps(_mm512_castsi512_ps(r[m]), _mm512_set1_ps(scale)));
+                /* lanes c - c0 of module j go to v[row, j, k]: one run per module the block
+                 * touches (a single run when the rank is a multiple of 16) */
+                for (int c = c0; c < C && c < c0 + 16;) {
+                    const int j = c / rank, k = c % rank;
+                    const int len = C - c < rank - k ? C - c : rank - k;
+                    const int n = c0 + 16 - c < len ? c0 + 16 - c : len, a = c - c0;
+                    /* lane a lands on k: the base sits a elements before it (masked lanes
+                     * are not touched) */
+                    _mm256_mask_storeu_epi16(v + (row * nmod + j) * rp + k - a,
+                                             (__mmask16)(((1u << n) - 1) << a), b);
+                    c += n;
                 }
             }
+        }
     }
 }
 
 /* bp [rp / 2, wp] pairs := Bt [rank, w] with rows 2kk and 2kk + 1 interleaved (AMX's pair
  * layout for the right operand); zeros past rank and past w (wp = w rounded up to 16). */
 static void amx_pack_b(const uint16_t *Bt, int rank, int64_t w, int rp, int64_t wp, uint32_t *bp) {
+    /* word 2n of a pair row is row 2kk's column n, word 2n + 1 row 2kk + 1's: columns 0..15
+     * of the two rows' 32, then 16..31 */
+    static const uint16_t order[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    const __m512i lo = _mm512_loadu_si512(order);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    const int64_t nv = w / 32 * 32;
     for (int kk = 0; kk < rp / 2; kk++) {
         uint32_t *d = bp + kk * wp;
         const int k = 2 * kk;
-        if (k + 1 < rank) {
-            const uint16_t *e = Bt + k * w, *o = e + w;
-            for (int64_t n = 0; n < w; n++) d[n] = (uint32_t)e[n] | (uint32_t)o[n] << 16;
-        } else if (k < rank) {
-            const uint16_t *e = Bt + k * w;
-            for (int64_t n = 0; n < w; n++) d[n] = e[n];
-        } else {
-            memset(d, 0, (size_t)w * 4);
+        if (k >= rank) {
+            memset(d, 0, (size_t)wp * 4);
+            continue;
         }
+        const uint16_t *e = Bt + k * w, *o = k + 1 < rank ? e + w : NULL;
+        for (int64_t n = 0; n < nv; n += 32) {
+            const __m512i re = _mm512_loadu_si512(e + n);
+            const __m512i ro = o ? _mm512_loadu_si512(o + n) : _mm512_setzero_si512();
+            _mm512_storeu_si512(d + n, _mm512_permutex2var_epi16(re, lo, ro));
+            _mm512_storeu_si512(d + n + 16, _mm512_permutex2var_epi16(re, hi, ro));
+        }
+        for (int64_t n = nv; n < w; n++) d[n] = (uint32_t)e[n] | (o ? (uint32_t)o[n] << 16 : 0u);
         memset(d + w, 0, (size_t)(wp - w) * 4);
     }
 }

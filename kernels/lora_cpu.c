@@ -60,11 +60,90 @@ typedef struct {
     int32_t seg, a, b; /* shrink: row block, A-row block; expand: module, column block */
 } item_t;
 
+/* What every item of one call reads: the call's arguments and its per-segment offsets into
+ * work (v of segment s starts at voff[s]). */
+typedef struct {
+    const void *x;
+    int64_t ldx;
+    void *y;
+    int64_t ldy;
+    int in_dim;
+    const int64_t *segs, *rec, *voff;
+    const float *scales;
+    float *work;
+} call_t;
+
+/* Shrink item t: v[rows of block t.a, A rows of block t.b] = scale * x A^T. */
+ALWAYS_INLINE void run_shrink(const call_t *c, item_t t, const int dt) {
+    const int64_t *sg = c->segs + 3 * t.seg, *rc = c->rec + REC * t.seg;
+    const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
+    const int64_t row0 = sg[0] + (int64_t)t.a * RB;
+    const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+    const int j0 = t.b * JB, j1 = j0 + JB < cols ? j0 + JB : cols;
+    float *v = c->work + c->voff[t.seg] + (int64_t)t.a * RB * cols;
+    const void *A = (const void *)(intptr_t)rc[0];
+#define SHRINK(R) \
+    shrink_block(c->x, c->ldx, row0, A, c->in_dim, j0, j1, c->scales[t.seg], v, cols, R, dt)
+    BY_ROWS(nr, SHRINK)
+#undef SHRINK
+}
+
+/* Expand item t: y[segment rows, module t.a's column block t.b] += v_m Bt_m. */
+ALWAYS_INLINE void run_expand(const call_t *c, item_t t, const int dt) {
+    const int64_t *sg = c->segs + 3 * t.seg, *rc = c->rec + REC * t.seg;
+    const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
+    const int64_t lo = rc[5 + t.a], w = rc[8 + t.a] - lo, ldy = c->ldy;
+    const int n0 = t.b * CW, width = (int)(n0 + CW < w ? CW : w - n0);
+    const void *Bt = (const void *)(intptr_t)rc[2 + t.a];
+    void *y = c->y;
+    const float *v0 = c->work + c->voff[t.seg] + t.a * rank; /* v of the segment's first row */
+    /* float32, many rows: 64-column strips in registers (compute-bound); the rest, and short
+     * segments, through the L1-buffer path (memory-bound: Bt read front to back). bfloat16 on
+     * AVX512-BF16 CPUs: two rows of Bt per vdpbf16ps (expand_pairs) at any row count, so a
+     * row's result does not depend on the length of its segment. */
+#if defined(__AVX512BF16__)
+    const int pairs = dt == 1;
+#else
+    const int pairs = 0;
+#endif
+    const int strips = !pairs && sg[1] - sg[0] >= LONG_ROWS ? width / STRIP : 0;
+    for (int st = 0; st < strips; st++) {
+        for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
+            const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+            const float *v = v0 + (row0 - sg[0]) * cols;
+            const int c0 = n0 + st * STRIP;
+#define STRIPS(R) expand_strip(v, cols, rank, Bt, w, c0, y, ldy, row0, lo + c0, R, dt)
+            BY_ROWS(nr, STRIPS)
+#undef STRIPS
+        }
+    }
+    const int done = strips * STRIP;
+    if (done == width) return;
+    for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
+        const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
+        const float *v = v0 + (row0 - sg[0]) * cols;
+#if defined(__AVX512BF16__)
+        if (pairs) {
+#define PAIRS(R)                                                                                 \
+    expand_pairs(v, cols, rank, (const uint16_t *)Bt, w, n0 + done, width - done, (uint16_t *)y, \
+                 ldy, row0, lo + n0 + done, R)
+            BY_ROWS(nr, PAIRS)
+#undef PAIRS
+            continue;
+        }
+#endif
+#define EXPAND(R) \
+    expand_block(v, cols, rank, Bt, w, n0 + done, width - done, y, ldy, row0, lo + n0 + done, R, dt)
+        BY_ROWS(nr, EXPAND)
+#undef EXPAND
+    }
+}
+
 ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
                                 int32_t nseg, const int64_t *segs, const int64_t *rec,
                                 const float *scales, float *work, int32_t nthreads,
                                 int32_t amx_rows, const int dt) {
-    int64_t *voff = malloc(sizeof(int64_t) * (nseg + 1));
+    int64_t *voff = malloc(sizeof(int64_t) * (nseg + 1)); /* v of segment s: work + voff[s] */
     char *amx_done = calloc(nseg + 1, 1); /* segments the AMX path applied */
     int64_t n_shrink = 0, n_expand = 0;
     if (!voff || !amx_done) {
@@ -94,15 +173,11 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
             n_expand += (rec[REC * s + 8 + m] - rec[REC * s + 5 + m] + CW - 1) / CW;
     }
     item_t *items = malloc(sizeof(item_t) * (n_shrink + n_expand + 1));
-    if (!items) {
-        free(amx_done);
-        free(voff);
-        return -1;
-    }
     /* cost[i] = what item i reads times (4 + its rows): memory for decode rows, FMAs for
      * long segments. pos[i] = cost of the items before i within its phase. */
     int64_t *pos = malloc(sizeof(int64_t) * (n_shrink + n_expand + 2));
-    if (!pos) {
+    if (!items || !pos) {
+        free(pos);
         free(items);
         free(amx_done);
         free(voff);
@@ -134,9 +209,8 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
     }
     pos[n_shrink] = cs;
     pos[n_shrink + n_expand + 1] = ce;
+    const call_t call = {x, ldx, y, ldy, in_dim, segs, rec, voff, scales, work};
 
-    /* Each thread takes a contiguous run of items of about equal cost: runs follow the
-     * weights' memory order, so each thread reads long streams the prefetchers follow. */
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1)
     {
 #ifdef _OPENMP
@@ -144,75 +218,19 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
 #else
         const int tid = 0, nt = 1;
 #endif
+        /* Each thread takes a contiguous run of items of about equal cost: runs follow the
+         * weights' memory order, so each thread reads long streams the prefetchers follow. */
         const int64_t s_begin = first_at(pos, 0, n_shrink, cs * tid / nt);
-        const int64_t s_end = tid == nt - 1 ? n_shrink : first_at(pos, 0, n_shrink, cs * (tid + 1) / nt);
-        for (int64_t it = s_begin; it < s_end; it++) {
-            const item_t t = items[it];
-            const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
-            const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
-            const int64_t row0 = sg[0] + (int64_t)t.a * RB;
-            const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
-            const int j0 = t.b * JB, j1 = j0 + JB < cols ? j0 + JB : cols;
-            float *v = work + voff[t.seg] + (int64_t)t.a * RB * cols;
-            const void *A = (const void *)(intptr_t)rc[0];
-#define SHRINK(R) shrink_block(x, ldx, row0, A, in_dim, j0, j1, scales[t.seg], v, cols, R, dt)
-            BY_ROWS(nr, SHRINK)
-#undef SHRINK
-        }
+        const int64_t s_end =
+            tid == nt - 1 ? n_shrink : first_at(pos, 0, n_shrink, cs * (tid + 1) / nt);
+        for (int64_t it = s_begin; it < s_end; it++) run_shrink(&call, items[it], dt);
 #pragma omp barrier
         /* expand item i (i >= n_shrink) starts at cost pos[i + 1] of its phase */
         const int64_t e_begin = first_at(pos + 1, n_shrink, n_shrink + n_expand, ce * tid / nt);
         const int64_t e_end = tid == nt - 1 ? n_shrink + n_expand
                                             : first_at(pos + 1, n_shrink, n_shrink + n_expand,
                                                        ce * (tid + 1) / nt);
-        for (int64_t it = e_begin; it < e_end; it++) {
-            const item_t t = items[it];
-            const int64_t *sg = segs + 3 * t.seg, *rc = rec + REC * t.seg;
-            const int rank = (int)sg[2], cols = (int)(rc[1] * rank);
-            const int64_t lo = rc[5 + t.a], w = rc[8 + t.a] - lo;
-            const int n0 = t.b * CW, width = (int)(n0 + CW < w ? CW : w - n0);
-            const void *Bt = (const void *)(intptr_t)rc[2 + t.a];
-            /* float32, many rows: 64-column strips in registers (compute-bound); the rest, and
-             * short segments, through the L1-buffer path (memory-bound: Bt read front to back).
-             * bfloat16 on AVX512-BF16 CPUs: two rows of Bt per vdpbf16ps (expand_pairs) at any
-             * row count, so a row's result does not depend on the length of its segment. */
-#if defined(__AVX512BF16__)
-            const int pairs = dt == 1;
-#else
-            const int pairs = 0;
-#endif
-            const int strips = !pairs && sg[1] - sg[0] >= LONG_ROWS ? width / STRIP : 0;
-            for (int st = 0; st < strips; st++) {
-                for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
-                    const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
-                    const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
-                    const int c0 = n0 + st * STRIP;
-#define STRIPS(R) expand_strip(v, cols, rank, Bt, w, c0, y, ldy, row0, lo + c0, R, dt)
-                    BY_ROWS(nr, STRIPS)
-#undef STRIPS
-                }
-            }
-            const int done = strips * STRIP;
-            if (done == width) continue;
-            for (int64_t row0 = sg[0]; row0 < sg[1]; row0 += RB) {
-                const int nr = (int)((sg[1] - row0) < RB ? (sg[1] - row0) : RB);
-                const float *v = work + voff[t.seg] + (row0 - sg[0]) * cols + t.a * rank;
-#if defined(__AVX512BF16__)
-                if (pairs) {
-#define PAIRS(R)                                                                                 \
-    expand_pairs(v, cols, rank, (const uint16_t *)Bt, w, n0 + done, width - done, (uint16_t *)y, \
-                 ldy, row0, lo + n0 + done, R)
-                    BY_ROWS(nr, PAIRS)
-#undef PAIRS
-                    continue;
-                }
-#endif
-#define EXPAND(R) \
-    expand_block(v, cols, rank, Bt, w, n0 + done, width - done, y, ldy, row0, lo + n0 + done, R, dt)
-                BY_ROWS(nr, EXPAND)
-#undef EXPAND
-            }
-        }
+        for (int64_t it = e_begin; it < e_end; it++) run_expand(&call, items[it], dt);
     }
     free(pos);
     free(items);
