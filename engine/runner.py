@@ -92,10 +92,10 @@ class Runner:
         each adapter has exactly one run."""
         if not runs:
             return LoRABatchMeta([])
-        infos = [self.adapters.info(uid) for _, _, uid in runs]
         if self.lora_backend == "triton":
             # Kernels read weights straight from the pool pages through each page table.
             reg = self.adapters
+            infos = [reg.info(uid) for _, _, uid in runs]
             tri = build_triton_lora_meta(
                 [(lo, hi, idx) for idx, (lo, hi, _) in enumerate(runs)],
                 [
@@ -108,23 +108,25 @@ class Runner:
                 pool=reg.pool,
             )
             return LoRABatchMeta([], triton=tri)
-        segments = [
-            LoRASegment(lo, hi, idx, info.rank, info.scale, self.adapters.views(uid))
-            for idx, ((lo, hi, uid), info) in enumerate(zip(runs, infos, strict=True))
-        ]
+        views = [self.adapters.views(uid) for _, _, uid in runs]
         if self.lora_backend == "cpu":
-            return self._cpu_lora_meta(segments, [uid for _, _, uid in runs])
-        return LoRABatchMeta(segments)
+            return self._cpu_lora_meta(runs, views)
+        return LoRABatchMeta(self._segments(runs, views))
 
-    def _cpu_lora_meta(self, segments: list[LoRASegment], uids: list[int]) -> LoRABatchMeta:
-        """The kernel's meta for these segments; the previous step's when nothing it depends on
-        changed: the same rows, adapters, ranks and scales, the same views objects (an adapter
-        rewritten to other pages gets new views; compared by identity, and held, so an id is
-        never reused) and thread count."""
-        pairs = zip(segments, uids, strict=True)
-        key = [(s.start, s.end, uid, s.rank, s.scale) for s, uid in pairs]
+    def _segments(self, runs: list[list[int]], views: list) -> list[LoRASegment]:
+        infos = [self.adapters.info(uid) for _, _, uid in runs]
+        return [
+            LoRASegment(lo, hi, idx, info.rank, info.scale, v)
+            for idx, ((lo, hi, _), info, v) in enumerate(zip(runs, infos, views, strict=True))
+        ]
+
+    def _cpu_lora_meta(self, runs: list[list[int]], views: list) -> LoRABatchMeta:
+        """The kernel's meta for these runs; the previous step's when nothing it depends on
+        changed: the same rows and adapter uids (a uid's rank and scale never change), the same
+        views objects (an adapter written again gets new views; compared by identity, and held,
+        so an id is never reused) and thread count."""
+        key = [tuple(run) for run in runs]
         key.append(torch.get_num_threads())
-        views = [s.views for s in segments]
         cached = self._cpu_meta
         if (
             cached is not None
@@ -132,8 +134,8 @@ class Runner:
             and all(a is b for a, b in zip(cached[0][1], views, strict=True))
         ):
             return cached[1]
-        records = [self._cpu_records(uid, v) for uid, v in zip(uids, views, strict=True)]
-        meta = build_cpu_lora_meta(segments, records)
+        records = [self._cpu_records(uid, v) for (_, _, uid), v in zip(runs, views, strict=True)]
+        meta = build_cpu_lora_meta(self._segments(runs, views), records)
         self._cpu_meta = ((key, views), meta)
         return meta
 
