@@ -20,14 +20,20 @@ The library is compiled once per source/compiler/CPU with the system C compiler 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +46,7 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("lora_cpu.c")
 # included by SOURCE: part of the build key
 HEADERS = (Path(__file__).with_name("lora_vec.h"), Path(__file__).with_name("lora_amx.h"))
+CALL_SOURCE = Path(__file__).with_name("lora_call.c")  # the CPython entry; optional
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 MAX_GROUPS = 8  # lora_cpu.c's lora_step_t.in_dims
@@ -57,6 +64,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _error: str | None = None
 _amx = False
+_call_mod: object = None  # the lora_call.c module; False: it cannot be built here
 
 
 def _cpu_id() -> str:
@@ -86,25 +94,44 @@ def _compile(cc: str, out: Path) -> None:
     raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n" + "\n".join(errors))
 
 
-def _load() -> ctypes.CDLL:
+def _cache_dir() -> Path:
+    return Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
+
+
+def _compiler() -> str:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not cc:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
-    key = hashlib.sha256(sources + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
-    path = cache / f"lora_cpu-{key}.so"
+    return cc
+
+
+def _built(stem: str, key: bytes, build: Callable[[Path], None]) -> Path:
+    """`<cache>/<stem>-<hash of key>.so`, built by `build(tmp)` unless already there. Written
+    atomically: a concurrent builder's identical file may win, and a failed build leaves
+    nothing behind."""
+    path = _cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
     if not path.is_file():
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".lora_cpu-", suffix=".so", dir=cache)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=path.parent)
         os.close(fd)
         try:
-            _compile(cc, Path(tmp))
-            os.replace(tmp, path)  # atomic: a concurrent builder's identical file may win
+            build(Path(tmp))
+            os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        logger.info("built the CPU LoRA kernel: %s", path)
+        logger.info("built %s", path)
+    return path
+
+
+def _load() -> ctypes.CDLL:
+    cc = _compiler()
+    sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    path = _built(
+        "lora_cpu",
+        sources + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode(),
+        lambda out: _compile(cc, out),
+    )
     lib = ctypes.CDLL(str(path))
     for name in ("lora_step_f32", "lora_step_bf16"):
         fn = getattr(lib, name)
@@ -148,6 +175,61 @@ def cpu_kernel_error() -> str | None:
     except RuntimeError as e:
         return str(e)
     return None
+
+
+def _call_module():
+    """The CPython entry of lora_call.c (built on first use), or None where it cannot be built:
+    no Python headers, no compiler; calls then go through ctypes."""
+    global _call_mod
+    with _lock:
+        if _call_mod is None:
+            _call_mod = False
+            try:
+                include = sysconfig.get_paths()["include"]
+                if not (Path(include) / "Python.h").is_file():
+                    raise RuntimeError(f"no Python.h in {include}")
+                cc = _compiler()
+                key = (
+                    CALL_SOURCE.read_bytes()
+                    + (
+                        f"|{os.path.realpath(cc)}|{include}|{sys.implementation.cache_tag}"
+                        f"|{sysconfig.get_config_var('EXT_SUFFIX')}"
+                    ).encode()
+                )
+
+                def build(out: Path) -> None:
+                    cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{include}", str(CALL_SOURCE)]
+                    proc = subprocess.run(
+                        [*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300
+                    )
+                    if proc.returncode != 0:
+                        raise RuntimeError(proc.stderr.strip()[-2000:])
+
+                path = str(_built("lora_call", key, build))
+                loader = importlib.machinery.ExtensionFileLoader("_lora_call", path)
+                spec = importlib.util.spec_from_file_location("_lora_call", path, loader=loader)
+                module = importlib.util.module_from_spec(spec)
+                loader.exec_module(module)
+                _call_mod = module
+            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
+                logger.info("CPU LoRA kernel calls go through ctypes (%s)", e)
+        return _call_mod or None
+
+
+def _caller(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, Callable[..., int]]:
+    """(kernel, f): f(x, ldx, y, ldy, step, layer_group) -> status runs the dtype's kernel entry
+    through the CPython module when it builds here, else it is the ctypes function itself. Hold
+    `kernel` as long as f: it keeps the library (the address f calls) loaded."""
+    kernel = _kernel(dtype)
+    cached = _CALLERS.get(dtype)
+    if cached is None or cached[0] is not kernel:  # a rebuilt library has a new kernel
+        module = _call_module()
+        if module is not None:
+            fn = functools.partial(module.call, ctypes.cast(kernel, ctypes.c_void_p).value)
+        else:
+            fn = kernel
+        cached = _CALLERS[dtype] = (kernel, fn)
+    return cached
 
 
 def adapter_records(views: list[dict[str, GroupViews]]) -> torch.Tensor:
@@ -218,6 +300,8 @@ class CpuLoRAMeta:
     out_ends: tuple[int, ...] = ()
     args: StepArgs | None = None
     args_ptr: int = 0
+    kernel: ctypes._CFuncPtr | None = None  # _caller(dtype): the entry, and what calls it
+    call: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
         L, G, S, _ = self.records.shape
@@ -232,6 +316,7 @@ class CpuLoRAMeta:
             (ctypes.c_int32 * MAX_GROUPS)(*self.in_dims),
         )  # fmt: skip
         self.args_ptr = ctypes.addressof(self.args)
+        self.kernel, self.call = _caller(self.dtype)
 
 
 def build_cpu_lora_meta(
@@ -308,24 +393,25 @@ def lora_apply_cpu(
         gi = GROUP_POS[group]
         in_dim = cpu.in_dims[gi]
         if in_dim:  # 0: no segment's adapter has this group
-            if x.stride(-1) != 1:
+            xst, yst = x.stride(), y.stride()
+            if xst[-1] != 1:
                 x = x.contiguous()
-            xs, ys, ldx, y_strides = x.shape, y.shape, x.stride(0), y.stride()
+                xst = x.stride()
+            xs, ys = x.shape, y.shape
             if (
                 x.dtype is not cpu.dtype
                 or y.dtype is not cpu.dtype
                 or y.is_cuda
                 or len(xs) != 2
                 or len(ys) != 2
-                or y_strides[1] != 1
+                or yst[1] != 1
                 or xs[1] != in_dim
                 or xs[0] < cpu.rows
                 or ys[0] < cpu.rows
                 or ys[1] < cpu.out_ends[gi]
             ):
                 _refuse(x, y, group, cpu)
-            fn, ldy = _kernel(cpu.dtype), y_strides[0]
-            if fn(x.data_ptr(), ldx, y.data_ptr(), ldy, cpu.args_ptr, layer * NGROUPS + gi):
+            if cpu.call(x.data_ptr(), xst[0], y.data_ptr(), yst[0], cpu.args_ptr, layer * NG + gi):
                 raise MemoryError("CPU LoRA kernel: out of memory for its work list")
     if meta.segments:
         lora_apply_torch(x, y, layer, group, meta)
@@ -346,8 +432,9 @@ def _refuse(x: torch.Tensor, y: torch.Tensor, group: str, cpu: CpuLoRAMeta) -> N
 
 
 GROUP_POS = {name: i for i, name in enumerate(GROUPS)}
-NGROUPS = len(GROUPS)
+NG = len(GROUPS)
 _FUNCS: dict[torch.dtype, ctypes._CFuncPtr] = {}
+_CALLERS: dict[torch.dtype, tuple[ctypes._CFuncPtr, Callable[..., int]]] = {}
 
 
 def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:

@@ -261,6 +261,35 @@ def test_matches_torch_path_on_a_mixed_step():
         torch.testing.assert_close(y_cpu, y_torch, rtol=1e-5, atol=1e-5)
 
 
+def test_python_entry_and_ctypes_give_the_same_result(monkeypatch, tmp_path):
+    """Calls go through lora_call.c's CPython entry where it builds, else through ctypes: the
+    same kernel either way, so the same bits."""
+    gen = torch.Generator().manual_seed(22)
+    segments, _, token_adapter, _ = _batch([(8, ALL, 2), (16, ALL, 3)], torch.bfloat16, gen)
+    records = [adapter_records(s.views) for s in segments]
+    fast = build_cpu_lora_meta(segments, records)
+    if lora_cpu._call_module() is None:
+        pytest.skip("the CPython entry does not build here (no Python.h or no compiler)")
+    assert fast.cpu.call is not fast.cpu.kernel
+    monkeypatch.setattr(lora_cpu, "_call_mod", None)
+    monkeypatch.setattr(lora_cpu, "_CALLERS", {})
+    monkeypatch.setattr(lora_cpu.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    slow = build_cpu_lora_meta(segments, records)
+    assert slow.cpu.call is slow.cpu.kernel  # no Python.h: ctypes
+    for group, (d_in, d_out) in GROUP_DIMS.items():
+        x = torch.randn(len(token_adapter), d_in, generator=gen).to(torch.bfloat16)
+        y0 = torch.randn(len(token_adapter), d_out, generator=gen).to(torch.bfloat16)
+        y_fast, y_slow = y0.clone(), y0.clone()
+        lora_apply_cpu(x, y_fast, 1, group, fast)
+        lora_apply_cpu(x, y_slow, 1, group, slow)
+        assert torch.equal(y_fast, y_slow) and not torch.equal(y_fast, y0), group
+    call = fast.cpu.call
+    with pytest.raises(TypeError, match="call"):
+        call(1, 2)
+    with pytest.raises(ValueError, match="null"):
+        call(0, 0, 0, 0, fast.cpu.args_ptr, 0)
+
+
 def test_unsupported_inputs_are_refused():
     gen = torch.Generator().manual_seed(1)
     segments, _, _, _ = _batch([(4, ALL, 2)], torch.float32, gen)
