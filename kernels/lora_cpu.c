@@ -139,26 +139,41 @@ ALWAYS_INLINE void run_expand(const call_t *c, item_t t, const int dt) {
     }
 }
 
+/* A grow-only block owned by the calling thread and kept between calls, so a call's lists cost
+ * no allocation (the engine steps on one long-lived thread; a thread's block is not freed when
+ * it exits). NULL when out of memory. */
+typedef struct {
+    void *p;
+    size_t n;
+} kept_t;
+static __thread kept_t seg_block, item_block;
+
+static void *kept(kept_t *k, size_t n) {
+    if (n > k->n) {
+        free(k->p);
+        k->n = 0;
+        k->p = malloc(n + n / 2);
+        if (k->p) k->n = n + n / 2;
+    }
+    return k->p;
+}
+
 ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
                                 int32_t nseg, const int64_t *segs, const int64_t *rec,
                                 const float *scales, float *work, int32_t nthreads,
                                 int32_t amx_rows, const int dt) {
-    int64_t *voff = malloc(sizeof(int64_t) * (nseg + 1)); /* v of segment s: work + voff[s] */
-    char *amx_done = calloc(nseg + 1, 1); /* segments the AMX path applied */
+    /* per segment: voff (v of segment s is work + voff[s]), amx_done (applied by the AMX path) */
+    char *seg_mem = kept(&seg_block, (size_t)(nseg + 1) * (sizeof(int64_t) + 1));
+    if (!seg_mem) return -1;
+    int64_t *voff = (int64_t *)seg_mem;
+    char *amx_done = seg_mem + (size_t)(nseg + 1) * sizeof(int64_t);
+    memset(amx_done, 0, (size_t)nseg + 1);
     int64_t n_shrink = 0, n_expand = 0;
-    if (!voff || !amx_done) {
-        free(amx_done);
-        free(voff);
-        return -1;
-    }
 #ifdef HAVE_AMX
     if (dt == 1 && amx_rows > 0 && amx_permitted && in_dim % 32 == 0 &&
         amx_segments(x, ldx, y, ldy, in_dim, nseg, segs, rec, scales, amx_rows, nthreads,
-                     amx_done) != 0) {
-        free(amx_done);
-        free(voff);
+                     amx_done) != 0)
         return -1;
-    }
 #else
     (void)amx_rows;
 #endif
@@ -172,17 +187,15 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
         for (int m = 0; m < nmod; m++)
             n_expand += (rec[REC * s + 8 + m] - rec[REC * s + 5 + m] + CW - 1) / CW;
     }
-    item_t *items = malloc(sizeof(item_t) * (n_shrink + n_expand + 1));
-    /* cost[i] = what item i reads times (4 + its rows): memory for decode rows, FMAs for
-     * long segments. pos[i] = cost of the items before i within its phase. */
-    int64_t *pos = malloc(sizeof(int64_t) * (n_shrink + n_expand + 2));
-    if (!items || !pos) {
-        free(pos);
-        free(items);
-        free(amx_done);
-        free(voff);
-        return -1;
-    }
+    /* the work items, and pos[i] = cost of the items before i within its phase, where an item's
+     * cost = what it reads times (4 + its rows): memory for decode rows, FMAs for long
+     * segments */
+    const int64_t n_items = n_shrink + n_expand;
+    char *item_mem = kept(&item_block, (size_t)(n_items + 2) * sizeof(int64_t) +
+                                           (size_t)(n_items + 1) * sizeof(item_t));
+    if (!item_mem) return -1;
+    int64_t *pos = (int64_t *)item_mem;
+    item_t *items = (item_t *)(item_mem + (size_t)(n_items + 2) * sizeof(int64_t));
     int64_t ns = 0, ne = n_shrink, cs = 0, ce = 0;
     for (int s = 0; s < nseg; s++) {
         const int64_t rows = segs[3 * s + 1] - segs[3 * s], rank = segs[3 * s + 2];
@@ -232,10 +245,6 @@ ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy
                                                        ce * (tid + 1) / nt);
         for (int64_t it = e_begin; it < e_end; it++) run_expand(&call, items[it], dt);
     }
-    free(pos);
-    free(items);
-    free(amx_done);
-    free(voff);
     return 0;
 }
 
