@@ -188,8 +188,9 @@ static void amx_shrink(const piece_t *p, const uint32_t *xp, uint16_t *v, const 
 static void amx_pack_b(const uint16_t *Bt, int rank, int64_t w, int rp, int64_t wp, uint32_t *bp) {
     /* word 2n of a pair row is row 2kk's column n, word 2n + 1 row 2kk + 1's: columns 0..15
      * of the two rows' 32, then 16..31 */
-    static const uint16_t order[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    static const uint16_t order[32] = {0, 32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
+                                       37, 6, 38, 7,  39, 8,  40, 9,  41, 10, 42,
+                                       11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
     const __m512i lo = _mm512_loadu_si512(order);
     const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
     const int64_t nv = w / 32 * 32;

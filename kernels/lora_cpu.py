@@ -298,6 +298,7 @@ class CpuLoRAMeta:
     rows: int = 0
     in_dims: tuple[int, ...] = ()
     out_ends: tuple[int, ...] = ()
+    num_layers: int = 0  # layers the records cover
     args: StepArgs | None = None
     args_ptr: int = 0
     kernel: ctypes._CFuncPtr | None = None  # _caller(dtype): the entry, and what calls it
@@ -307,7 +308,7 @@ class CpuLoRAMeta:
         L, G, S, _ = self.records.shape
         if len(self.in_dims) != G or G > MAX_GROUPS:
             raise ValueError(f"{len(self.in_dims)} input widths for {G} groups (max {MAX_GROUPS})")
-        self.rows = int(self.segs[:, 1].max())
+        self.rows, self.num_layers = int(self.segs[:, 1].max()), L
         self.out_ends = tuple(int(v) for v in self.records[..., 8:11].amax(dim=(0, 2, 3)))
         self.num_threads = torch.get_num_threads()
         self.args = StepArgs(
@@ -409,21 +410,24 @@ def lora_apply_cpu(
                 or xs[0] < cpu.rows
                 or ys[0] < cpu.rows
                 or ys[1] < cpu.out_ends[gi]
+                or not 0 <= layer < cpu.num_layers
             ):
-                _refuse(x, y, group, cpu)
+                _refuse(x, y, layer, group, cpu)
             if cpu.call(x.data_ptr(), xst[0], y.data_ptr(), yst[0], cpu.args_ptr, layer * NG + gi):
                 raise MemoryError("CPU LoRA kernel: out of memory for its work list")
     if meta.segments:
         lora_apply_torch(x, y, layer, group, meta)
 
 
-def _refuse(x: torch.Tensor, y: torch.Tensor, group: str, cpu: CpuLoRAMeta) -> None:
-    """Raise the ValueError that says why x and y cannot go to the kernel."""
+def _refuse(x: torch.Tensor, y: torch.Tensor, layer: int, group: str, cpu: CpuLoRAMeta) -> None:
+    """Raise the ValueError that says why x and y (or the layer) cannot go to the kernel."""
     if x.dtype != cpu.dtype or y.dtype != cpu.dtype or y.stride(-1) != 1 or y.is_cuda:
         raise ValueError(
             f"CPU LoRA kernel: unsupported y {y.dtype} {tuple(y.stride())} on {y.device} "
             f"(x {x.dtype}; the weights are {cpu.dtype}, float32 and bfloat16 only)"
         )
+    if not 0 <= layer < cpu.num_layers:
+        raise ValueError(f"CPU LoRA kernel: layer {layer} of {cpu.num_layers}")
     gi = GROUP_POS[group]
     raise ValueError(
         f"CPU LoRA kernel, {group}: x {tuple(x.shape)} / y {tuple(y.shape)} do not fit "

@@ -240,7 +240,8 @@ ALWAYS_INLINE void expand_strip(const float *v, int cols, int rank, const void *
 
 #if defined(__AVX512BF16__)
 
-/* p[0:16] = bf16(p[0:16] + s), rounded to nearest even (as round_bf16). */
+/* p[0:16] = bf16(p[0:16] + s), rounded to nearest even as round_bf16 does, except that
+ * vcvtneps2bf16 flushes denormals to zero (as vdpbf16ps does with its inputs). */
 ALWAYS_INLINE void add_to_bf16(uint16_t *p, __m512 s) {
     const __m256i b = _mm256_loadu_si256((const __m256i *)p);
     const __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
@@ -311,7 +312,7 @@ ALWAYS_INLINE void expand_pairs(const float *v, int cols, int rank, const uint16
                     tail[i][n - nv] += to_bf16(v[(int64_t)i * cols + k + t]) *
                                        lds(Bt, (int64_t)(k + t) * ldb + n0 + n, 1);
     }
-    /* columns back in order: of 32 columns, c = 8L + j is lo[4L + j] (j < 4), else hi[4L + j - 4] */
+    /* columns back in order: of 32, column 8L + j is lo[4L + j] (j < 4), else hi[4L + j - 4] */
     const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int i = 0; i < ROWS; i++) {

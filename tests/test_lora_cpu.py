@@ -306,6 +306,8 @@ def test_unsupported_inputs_are_refused():
         lora_apply_cpu(torch.randn(4, HIDDEN + 1), torch.zeros(4, HIDDEN), 0, "o", meta)
     with pytest.raises(ValueError, match="do not fit"):
         lora_apply_cpu(x, torch.zeros(4, HIDDEN - 1), 0, "o", meta)
+    with pytest.raises(ValueError, match=f"layer {LAYERS} of {LAYERS}"):
+        lora_apply_cpu(x, torch.zeros(4, HIDDEN), LAYERS, "o", meta)  # records end there
 
 
 def test_config_resolves_and_validates_the_cpu_backend():
