@@ -47,10 +47,11 @@ def _lora_backend(config: EngineConfig) -> str:
     backend = config.backend("lora")
     if backend != "cpu":
         return backend
-    from kernels.lora_cpu import cpu_kernel_error
+    from kernels.lora_cpu import call_entry_available, cpu_kernel_error
 
     error = cpu_kernel_error()
     if error is None:
+        call_entry_available()  # built now rather than in the first step
         return backend
     if config.lora_backend == "cpu":
         raise RuntimeError(f"lora_backend 'cpu': {error}")

@@ -216,6 +216,12 @@ def _call_module():
         return _call_mod or None
 
 
+def call_entry_available() -> bool:
+    """Build (once per cache) and load the CPython call entry; False where kernel calls go
+    through ctypes instead. The engine calls it at start, so no step pays for the build."""
+    return _call_module() is not None
+
+
 def _caller(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, Callable[..., int]]:
     """(kernel, f): f(x, ldx, y, ldy, step, layer_group) -> status runs the dtype's kernel entry
     through the CPython module when it builds here, else it is the ctypes function itself. Hold

@@ -356,6 +356,21 @@ def test_library_is_built_once_per_cache(monkeypatch, tmp_path):
     assert built.stat().st_mtime_ns == mtime
 
 
+def test_engine_start_builds_the_call_entry(tiny_llama, monkeypatch, tmp_path):
+    """The CPython entry is built when the engine starts, not in its first step."""
+    for name, value in (("_lib", None), ("_error", None), ("_call_mod", None)):
+        monkeypatch.setattr(lora_cpu, name, value)
+    monkeypatch.setattr(lora_cpu, "_FUNCS", {})
+    monkeypatch.setattr(lora_cpu, "_CALLERS", {})
+    monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
+    llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=4 << 20)
+    assert llm.engine.backends["lora"] == "cpu"
+    built = sorted(p.name.split("-")[0] for p in (tmp_path / "kernels").iterdir())
+    if lora_cpu._call_mod is False:
+        pytest.skip("the CPython entry does not build here")
+    assert built == ["lora_call", "lora_cpu"]
+
+
 def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_path, caplog):
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
