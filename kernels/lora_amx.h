@@ -67,20 +67,7 @@ static inline float bf16_float(uint16_t b) {
     return f;
 }
 
-/* n uint16 of 64-byte aligned scratch owned by the calling thread, grown as needed and kept
- * (fresh large blocks each call would be fresh pages, i.e. faults, each call; the engine's steps
- * run on one long-lived thread, so in practice this is one block). NULL if out of memory. */
-static uint16_t *scratch_block(int64_t n) {
-    static __thread uint16_t *block;
-    static __thread int64_t size;
-    if (n > size) {
-        free(block);
-        size = (n + 4095) / 4096 * 4096;
-        block = aligned_alloc(64, (size_t)size * 2);
-        if (!block) size = 0;
-    }
-    return block;
-}
+static __thread kept_t amx_block; /* the call's scratch (kept() of lora_cpu.c) */
 
 /* r[i] (16 dwords each) := column i of the 16 x 16 dword matrix the rows r[0..15] form:
  * pairs within 128-bit lanes, then 4 x 4 blocks within lanes, then the lanes themselves. */
@@ -285,7 +272,8 @@ static int amx_segments(const uint16_t *x, int64_t ldx, uint16_t *y, int64_t ldy
     const int n_xpack = n * (PIECE / 16);
     int32_t(*items)[3] = malloc(sizeof(int32_t[3]) * (n_bpack + n_shrink + n_expand + 1));
     /* one scratch block, kept between calls: xp | bp | v | per-thread a_tail (uint16 units) */
-    uint16_t *xp16 = scratch_block(2 * xp_n + 2 * bp_n + v_n + (int64_t)16 * K * nthreads);
+    const int64_t n16 = 2 * xp_n + 2 * bp_n + v_n + (int64_t)16 * K * nthreads; /* uint16s */
+    uint16_t *xp16 = kept(&amx_block, (size_t)n16 * 2);
     int rc = 0;
     if (!pieces || !bp_off || !items || !xp16) {
         rc = -1;

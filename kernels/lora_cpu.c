@@ -34,6 +34,26 @@
 
 #define REC 11
 #include "lora_vec.h"
+
+/* A grow-only block owned by the calling thread and kept between calls, so a call's scratch
+ * costs no allocation and no fresh pages (the engine steps on one long-lived thread; a thread's
+ * blocks are not freed when it exits). 64-byte aligned; NULL when out of memory. */
+typedef struct {
+    void *p;
+    size_t n;
+} kept_t;
+
+static void *kept(kept_t *k, size_t n) {
+    if (n > k->n) {
+        free(k->p);
+        k->n = 0;
+        const size_t size = (n + n / 2 + 4095) / 4096 * 4096;
+        k->p = aligned_alloc(64, size);
+        if (k->p) k->n = size;
+    }
+    return k->p;
+}
+
 #include "lora_amx.h"
 
 #define BY_ROWS(nr, CALL)      \
@@ -139,24 +159,7 @@ ALWAYS_INLINE void run_expand(const call_t *c, item_t t, const int dt) {
     }
 }
 
-/* A grow-only block owned by the calling thread and kept between calls, so a call's lists cost
- * no allocation (the engine steps on one long-lived thread; a thread's block is not freed when
- * it exits). NULL when out of memory. */
-typedef struct {
-    void *p;
-    size_t n;
-} kept_t;
-static __thread kept_t seg_block, item_block;
-
-static void *kept(kept_t *k, size_t n) {
-    if (n > k->n) {
-        free(k->p);
-        k->n = 0;
-        k->p = malloc(n + n / 2);
-        if (k->p) k->n = n + n / 2;
-    }
-    return k->p;
-}
+static __thread kept_t seg_block, item_block; /* a call's segment and item lists */
 
 ALWAYS_INLINE int lora_segments(const void *x, int64_t ldx, void *y, int64_t ldy, int32_t in_dim,
                                 int32_t nseg, const int64_t *segs, const int64_t *rec,

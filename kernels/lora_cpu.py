@@ -12,45 +12,31 @@ Otherwise segments longer than `MAX_ROWS[dtype]` (`AMX_MAX_ROWS` with AMX) stay 
 path, where the GEMM libraries beat the kernel; a step may use both. float32 and bfloat16
 (float16 uses the torch path).
 
-The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
-`cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
-`cpu_kernel_error()` says why it cannot be used (no compiler, build failure); callers choose.
+Building and loading the library (and `cpu_kernel_error()`, `amx_available()`) live in
+kernels/lora_cpu_build.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import functools
-import hashlib
-import importlib.machinery
-import importlib.util
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import sysconfig
-import tempfile
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
+from kernels.lora_cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
+    DTYPES,
+    amx_available,
+    call_entry_available,
+    caller,
+    cpu_kernel_error,
+    library,
+)
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("lora_cpu.c")
-# included by SOURCE: part of the build key
-HEADERS = (Path(__file__).with_name("lora_vec.h"), Path(__file__).with_name("lora_amx.h"))
-CALL_SOURCE = Path(__file__).with_name("lora_call.c")  # the CPython entry; optional
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())
 MAX_GROUPS = 8  # lora_cpu.c's lora_step_t.in_dims
-DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 # Longer segments go to the torch path, whose GEMMs win there (crossovers measured on the bench
 # shapes, 8 segments of ranks 8-64, 2-core Xeon: float32 ~110 rows, bfloat16 ~130 rows).
 MAX_ROWS = {torch.float32: 96, torch.bfloat16: 128}
@@ -59,183 +45,6 @@ MAX_ROWS = {torch.float32: 96, torch.bfloat16: 128}
 # up to AMX_MAX_ROWS; longer ones go to the torch path, whose oneDNN GEMMs win there (even at
 # ~384 rows, 1.2-1.5x faster at 512-1024; docs/benchmarks.md).
 AMX_ROWS, AMX_MAX_ROWS = 16, 384
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
-_amx = False
-_call_mod: object = None  # the lora_call.c module; False: it cannot be built here
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the machine and the CPU's feature flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()}|{flags}"
-
-
-def _compile(cc: str, out: Path) -> None:
-    """Best flags first; without OpenMP (e.g. Apple clang) the kernel runs on one thread."""
-    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
-    errors = []
-    for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
-        proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-        if proc.returncode == 0:
-            if "-fopenmp" not in extra:
-                logger.warning("CPU LoRA kernel built without OpenMP: it runs on one thread")
-            return
-        errors.append(proc.stderr.strip()[-2000:])
-    raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n" + "\n".join(errors))
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if not cc:
-        raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    return cc
-
-
-def _built(stem: str, key: bytes, build: Callable[[Path], None]) -> Path:
-    """`<cache>/<stem>-<hash of key>.so`, built by `build(tmp)` unless already there. Written
-    atomically: a concurrent builder's identical file may win, and a failed build leaves
-    nothing behind."""
-    path = _cache_dir() / f"{stem}-{hashlib.sha256(key).hexdigest()[:16]}.so"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{stem}-", suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            build(Path(tmp))
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        logger.info("built %s", path)
-    return path
-
-
-def _load() -> ctypes.CDLL:
-    cc = _compiler()
-    sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
-    path = _built(
-        "lora_cpu",
-        sources + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode(),
-        lambda out: _compile(cc, out),
-    )
-    lib = ctypes.CDLL(str(path))
-    for name in ("lora_step_f32", "lora_step_bf16"):
-        fn = getattr(lib, name)
-        fn.restype = ctypes.c_int
-        # x, ldx, y, ldy, step, layer_group: few arguments, as ctypes converts each on every call
-        fn.argtypes = [
-            ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-            ctypes.c_int32,
-        ]  # fmt: skip
-    lib.lora_amx_init.restype = ctypes.c_int
-    lib.lora_amx_init.argtypes = []
-    return lib
-
-
-def library() -> ctypes.CDLL:
-    """The compiled kernel library (built on first use). RuntimeError says why it is not."""
-    global _lib, _error, _amx
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                _lib = _load()
-                _amx = bool(_lib.lora_amx_init())  # built with AMX and granted by the OS
-                logger.info("CPU LoRA kernel: AMX path for bfloat16 segments %s",
-                            "on" if _amx else "off")  # fmt: skip
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                _error = str(e)
-        if _lib is None:
-            raise RuntimeError(f"CPU LoRA kernel unavailable: {_error}")
-        return _lib
-
-
-def amx_available() -> bool:
-    """Whether the kernel's AMX path can run here (CPU, compiler and OS all allow it)."""
-    return cpu_kernel_error() is None and _amx
-
-
-def cpu_kernel_error() -> str | None:
-    """None when the kernel can be used here, else the reason."""
-    try:
-        library()
-    except RuntimeError as e:
-        return str(e)
-    return None
-
-
-def _call_module():
-    """The CPython entry of lora_call.c (built on first use), or None where it cannot be built:
-    no Python headers, no compiler; calls then go through ctypes."""
-    global _call_mod
-    with _lock:
-        if _call_mod is None:
-            _call_mod = False
-            try:
-                include = sysconfig.get_paths()["include"]
-                if not (Path(include) / "Python.h").is_file():
-                    raise RuntimeError(f"no Python.h in {include}")
-                cc = _compiler()
-                key = (
-                    CALL_SOURCE.read_bytes()
-                    + (
-                        f"|{os.path.realpath(cc)}|{include}|{sys.implementation.cache_tag}"
-                        f"|{sysconfig.get_config_var('EXT_SUFFIX')}"
-                    ).encode()
-                )
-
-                def build(out: Path) -> None:
-                    cmd = [cc, "-O2", "-shared", "-fPIC", f"-I{include}", str(CALL_SOURCE)]
-                    proc = subprocess.run(
-                        [*cmd, "-o", str(out)], capture_output=True, text=True, timeout=300
-                    )
-                    if proc.returncode != 0:
-                        raise RuntimeError(proc.stderr.strip()[-2000:])
-
-                path = str(_built("lora_call", key, build))
-                loader = importlib.machinery.ExtensionFileLoader("_lora_call", path)
-                spec = importlib.util.spec_from_file_location("_lora_call", path, loader=loader)
-                module = importlib.util.module_from_spec(spec)
-                loader.exec_module(module)
-                _call_mod = module
-            except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as e:
-                logger.info("CPU LoRA kernel calls go through ctypes (%s)", e)
-        return _call_mod or None
-
-
-def call_entry_available() -> bool:
-    """Build (once per cache) and load the CPython call entry; False where kernel calls go
-    through ctypes instead. The engine calls it at start, so no step pays for the build."""
-    return _call_module() is not None
-
-
-def _caller(dtype: torch.dtype) -> tuple[ctypes._CFuncPtr, Callable[..., int]]:
-    """(kernel, f): f(x, ldx, y, ldy, step, layer_group) -> status runs the dtype's kernel entry
-    through the CPython module when it builds here, else it is the ctypes function itself. Hold
-    `kernel` as long as f: it keeps the library (the address f calls) loaded."""
-    kernel = _kernel(dtype)
-    cached = _CALLERS.get(dtype)
-    if cached is None or cached[0] is not kernel:  # a rebuilt library has a new kernel
-        module = _call_module()
-        if module is not None:
-            fn = functools.partial(module.call, ctypes.cast(kernel, ctypes.c_void_p).value)
-        else:
-            fn = kernel
-        cached = _CALLERS[dtype] = (kernel, fn)
-    return cached
 
 
 def adapter_records(views: list[dict[str, GroupViews]]) -> torch.Tensor:
@@ -307,7 +116,7 @@ class CpuLoRAMeta:
     num_layers: int = 0  # layers the records cover
     args: StepArgs | None = None
     args_ptr: int = 0
-    kernel: ctypes._CFuncPtr | None = None  # _caller(dtype): the entry, and what calls it
+    kernel: ctypes._CFuncPtr | None = None  # caller(dtype): the entry, and what calls it
     call: Callable[..., int] | None = None
 
     def __post_init__(self) -> None:
@@ -323,7 +132,7 @@ class CpuLoRAMeta:
             (ctypes.c_int32 * MAX_GROUPS)(*self.in_dims),
         )  # fmt: skip
         self.args_ptr = ctypes.addressof(self.args)
-        self.kernel, self.call = _caller(self.dtype)
+        self.kernel, self.call = caller(self.dtype)
 
 
 def build_cpu_lora_meta(
@@ -443,14 +252,3 @@ def _refuse(x: torch.Tensor, y: torch.Tensor, layer: int, group: str, cpu: CpuLo
 
 GROUP_POS = {name: i for i, name in enumerate(GROUPS)}
 NG = len(GROUPS)
-_FUNCS: dict[torch.dtype, ctypes._CFuncPtr] = {}
-_CALLERS: dict[torch.dtype, tuple[ctypes._CFuncPtr, Callable[..., int]]] = {}
-
-
-def _kernel(dtype: torch.dtype) -> ctypes._CFuncPtr:
-    fn = _FUNCS.get(dtype)
-    if fn is None:
-        if dtype not in DTYPES:
-            raise ValueError(f"CPU LoRA kernel: no {dtype} version (float32, bfloat16)")
-        fn = _FUNCS[dtype] = getattr(library(), f"lora_step_{DTYPES[dtype]}")
-    return fn
