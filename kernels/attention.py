@@ -161,25 +161,29 @@ def _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_t
 
 
 def _build_group(members, starts, query_lens, context_lens, block_tables, block_size) -> AttnGroup:
+    """The group's padded tensors from a few whole-group ops (a per-sequence loop of small torch
+    ops cost ~0.5 ms per decode step of 16 sequences)."""
     G = len(members)
-    Q = max(query_lens[i] for i in members)
-    L = max(context_lens[i] for i in members)
-    q_index = torch.zeros(G, Q, dtype=torch.long)
-    valid = torch.zeros(G, Q, dtype=torch.bool)
-    key_pages = torch.zeros(G, L, dtype=torch.long)
-    key_offsets = torch.zeros(G, L, dtype=torch.long)
-    mask = torch.ones(G, 1, Q, L, dtype=torch.bool)  # padded query rows attend everywhere (no NaN)
-    keys = torch.arange(L)
+    q_lens = torch.tensor([query_lens[i] for i in members])  # [G]
+    ctxs = torch.tensor([context_lens[i] for i in members])  # [G]
+    Q, L = int(q_lens.max()), int(ctxs.max())
+    width = -(-L // block_size)
+    tables = torch.zeros(G, width, dtype=torch.long)  # padded with page 0
     for g, i in enumerate(members):
-        q_len, ctx = query_lens[i], context_lens[i]
-        q_index[g, :q_len] = torch.arange(starts[i], starts[i] + q_len)
-        valid[g, :q_len] = True
-        pos = torch.arange(ctx)
-        table = torch.tensor(block_tables[i][: (ctx + block_size - 1) // block_size])
-        key_pages[g, :ctx] = table[pos // block_size]
-        key_offsets[g, :ctx] = pos % block_size
-        q_pos = torch.arange(ctx - q_len, ctx).unsqueeze(1)  # [q_len, 1]
-        mask[g, 0, :q_len] = keys.unsqueeze(0) <= q_pos
+        n = -(-context_lens[i] // block_size)
+        tables[g, :n] = torch.tensor(block_tables[i][:n])
+    q = torch.arange(Q)
+    valid = q.unsqueeze(0) < q_lens.unsqueeze(1)  # [G, Q]
+    first = torch.tensor([starts[i] for i in members])
+    q_index = torch.where(valid, first.unsqueeze(1) + q, 0)
+    keys = torch.arange(L)
+    in_ctx = keys.unsqueeze(0) < ctxs.unsqueeze(1)  # [G, L]; padding keys -> page 0, slot 0
+    key_pages = torch.where(in_ctx, tables[:, keys // block_size], 0)
+    key_offsets = torch.where(in_ctx, keys % block_size, 0)
+    # query q of sequence g sits at position ctx - q_len + q and sees keys up to it (causal);
+    # padded query rows attend everywhere (their rows are never written back: no NaN)
+    q_pos = torch.where(valid, (ctxs - q_lens).unsqueeze(1) + q, L)  # [G, Q]
+    mask = (keys.view(1, 1, L) <= q_pos.unsqueeze(2)).unsqueeze(1)  # [G, 1, Q, L]
     valid = valid.reshape(-1)
     return AttnGroup(q_index, valid, q_index.reshape(-1)[valid], key_pages, key_offsets, mask)
 

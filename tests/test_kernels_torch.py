@@ -159,3 +159,53 @@ def test_paged_attention_matches_dense_reference(heads, kv_heads):
     for (ctx, _q_len), table, k in zip(seqs, tables, full_k, strict=True):
         for pos in range(ctx):
             assert torch.equal(k_cache[table[pos // block_size], pos % block_size], k[pos])
+
+
+def _group_by_sequence(members, starts, query_lens, context_lens, tables, block_size):
+    """The padded group tensors built one sequence at a time, as the docstring of AttnGroup
+    states them: the reference for the whole-group builder."""
+    G = len(members)
+    Q = max(query_lens[i] for i in members)
+    L = max(context_lens[i] for i in members)
+    q_index = torch.zeros(G, Q, dtype=torch.long)
+    valid = torch.zeros(G, Q, dtype=torch.bool)
+    pages = torch.zeros(G, L, dtype=torch.long)
+    offsets = torch.zeros(G, L, dtype=torch.long)
+    mask = torch.ones(G, 1, Q, L, dtype=torch.bool)
+    for g, i in enumerate(members):
+        q_len, ctx = query_lens[i], context_lens[i]
+        for q in range(q_len):
+            q_index[g, q] = starts[i] + q
+            valid[g, q] = True
+            for key in range(L):
+                mask[g, 0, q, key] = key <= ctx - q_len + q
+        for pos in range(ctx):
+            pages[g, pos] = tables[i][pos // block_size]
+            offsets[g, pos] = pos % block_size
+    return q_index, valid.reshape(-1), pages, offsets, mask
+
+
+def test_attention_groups_match_per_sequence_construction():
+    rng = random.Random(3)
+    block_size = 4
+    for _ in range(20):
+        n = rng.randint(1, 7)
+        query_lens = [rng.choice([1, 1, rng.randint(1, 9)]) for _ in range(n)]
+        context_lens = [q + rng.randint(0, 14) for q in query_lens]
+        tables = [rng.sample(range(1, 60), -(-c // block_size) + rng.randint(0, 2))
+                  for c in context_lens]  # fmt: skip
+        meta = build_attention_meta(
+            query_lens, context_lens, tables, block_size, "cpu", triton_fields=False
+        )
+        starts = [sum(query_lens[:i]) for i in range(n)]
+        decodes = [i for i, q in enumerate(query_lens) if q == 1]
+        prefills = [i for i, q in enumerate(query_lens) if q > 1]
+        assert len(meta.groups) == bool(decodes) + bool(prefills)
+        for g, members in zip(meta.groups, [m for m in (decodes, prefills) if m], strict=True):
+            q_index, valid, pages, offsets, mask = _group_by_sequence(
+                members, starts, query_lens, context_lens, tables, block_size
+            )
+            assert torch.equal(g.q_index, q_index) and torch.equal(g.valid, valid)
+            assert torch.equal(g.out_rows, q_index.reshape(-1)[valid])
+            assert torch.equal(g.key_pages, pages) and torch.equal(g.key_offsets, offsets)
+            assert torch.equal(g.mask, mask), (query_lens, context_lens)
