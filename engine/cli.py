@@ -42,7 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         "--attention-backend",
         choices=ATTENTION_BACKENDS,
         default="auto",
-        help="auto: triton on CUDA, else torch",
+        help="auto: triton on CUDA, the C decode kernel (cpu) on the CPU for float32/bfloat16, "
+        "else torch",
     )
 
 

@@ -6,9 +6,10 @@ import os
 from dataclasses import dataclass
 
 DTYPES = ("float32", "bfloat16", "float16")
-# auto: triton on CUDA; on the CPU the C kernel for LoRA (float32/bfloat16) and torch otherwise.
+# auto: triton on CUDA; on the CPU the C kernels (LoRA, decode attention) for float32/bfloat16,
+# torch otherwise.
 LORA_BACKENDS = ("auto", "torch", "triton", "cpu")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 CPU_KERNEL_DTYPES = ("float32", "bfloat16")
 
 
@@ -28,7 +29,11 @@ class EngineConfig:
         or bfloat16), or "auto" (triton on CUDA, cpu on the CPU where its dtype allows, else
         torch). The engine falls back from auto's "cpu" to "torch", with a warning, only when
         the kernel cannot be built here (no C compiler).
-    attention_backend: "torch", "triton", or "auto" (triton on CUDA, else torch).
+    attention_backend: "torch", "triton", "cpu" (decode queries through the C kernel of
+        kernels/attention_cpu.py, prefill chunks through torch: CPU, float32 or bfloat16), or
+        "auto" (triton on CUDA, cpu on the CPU where its dtype allows, else torch; falls back
+        to torch, with a warning, when the kernel cannot be built or the model's attention
+        shape is not one it handles).
     """
 
     model: str | None = None
@@ -67,22 +72,23 @@ class EngineConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.lora_backend == "cpu" and (
-            self.device != "cpu" or self.dtype not in CPU_KERNEL_DTYPES
-        ):
-            raise ValueError(
-                f"lora_backend 'cpu' needs device 'cpu' and dtype in {CPU_KERNEL_DTYPES}, got "
-                f"{self.device!r} / {self.dtype!r}"
-            )
+        for name in ("lora_backend", "attention_backend"):
+            if getattr(self, name) == "cpu" and (
+                self.device != "cpu" or self.dtype not in CPU_KERNEL_DTYPES
+            ):
+                raise ValueError(
+                    f"{name} 'cpu' needs device 'cpu' and dtype in {CPU_KERNEL_DTYPES}, got "
+                    f"{self.device!r} / {self.dtype!r}"
+                )
 
     def backend(self, name: str) -> str:
-        """The resolved backend of `lora` ("torch", "triton", "cpu") or `attention` ("torch",
-        "triton")."""
+        """The configured backend of `lora` or `attention` ("torch", "triton", "cpu"), auto
+        resolved by device and dtype (the engine then checks that a "cpu" kernel builds)."""
         value = getattr(self, f"{name}_backend")
         if value != "auto":
             return value
         if self.device.startswith("cuda"):
             return "triton"
-        if name == "lora" and self.dtype in CPU_KERNEL_DTYPES:
+        if self.dtype in CPU_KERNEL_DTYPES:
             return "cpu"
         return "torch"

@@ -16,7 +16,7 @@ import torch
 
 from engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
 from engine.config import EngineConfig
-from engine.loader import load_checkpoint, load_model_spec
+from engine.loader import ModelSpec, load_checkpoint, load_model_spec
 from engine.model import Model
 from engine.runner import Runner
 from engine.sampler import Sampler
@@ -41,21 +41,30 @@ def default_pool_bytes(device: torch.device) -> int:
     return int(min(avail * CPU_POOL_FRACTION, CPU_POOL_CAP))
 
 
-def _lora_backend(config: EngineConfig) -> str:
-    """config.backend("lora"), checked: the C kernel must build here. auto falls back to the
-    torch path (same results, slower) with a warning; an explicit "cpu" is an error."""
-    backend = config.backend("lora")
+def _cpu_backend(config: EngineConfig, name: str, spec: ModelSpec) -> str:
+    """config.backend(name) for "lora" or "attention", checked: a "cpu" kernel must build here
+    (and attention's must handle the model's heads). auto falls back to the torch path (same
+    results, slower) with a warning; an explicit "cpu" is an error."""
+    backend = config.backend(name)
     if backend != "cpu":
         return backend
     from kernels.lora_cpu import call_entry_available, cpu_kernel_error
 
     error = cpu_kernel_error()
+    if error is None and name == "attention":
+        from kernels.attention_cpu import decode_kernel_refusal
+
+        refusal = decode_kernel_refusal(
+            spec.num_heads, spec.num_kv_heads, spec.head_dim, DTYPES[config.dtype]
+        )
+        error = refusal and f"the decode kernel does not handle {refusal}"
     if error is None:
-        call_entry_available()  # built now rather than in the first step
+        if name == "lora":
+            call_entry_available()  # built now rather than in the first step
         return backend
-    if config.lora_backend == "cpu":
-        raise RuntimeError(f"lora_backend 'cpu': {error}")
-    logger.warning("using the torch LoRA path (slower): %s", error)
+    if getattr(config, f"{name}_backend") == "cpu":
+        raise RuntimeError(f"{name}_backend 'cpu': {error}")
+    logger.warning("using the torch %s path (slower): %s", name, error)
     return "torch"
 
 
@@ -111,7 +120,8 @@ class Engine:
         self.store = AdapterStore(self.pool)
         self.adapters = AdapterRegistry(spec, self.store, self.pool_tensor, config.max_lora_rank)
 
-        lora_backend, attention_backend = _lora_backend(config), config.backend("attention")
+        lora_backend = _cpu_backend(config, "lora", spec)
+        attention_backend = _cpu_backend(config, "attention", spec)
         self.backends = {"lora": lora_backend, "attention": attention_backend}
         self.model = Model(
             spec, tensors, self.pool_tensor, config.block_size, self.max_model_len,

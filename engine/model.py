@@ -114,6 +114,10 @@ class Model:
             from kernels.attention_triton import paged_attention_triton, write_kv_triton
 
             self.write_kv, self.attention = write_kv_triton, paged_attention_triton
+        elif attention_backend == "cpu":
+            from kernels.attention_cpu import paged_attention_cpu
+
+            self.attention = paged_attention_cpu
 
     @torch.inference_mode()
     def forward(self, meta: ForwardMeta) -> torch.Tensor:

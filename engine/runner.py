@@ -76,8 +76,9 @@ class Runner:
             )  # fmt: skip
         else:
             attn = build_attention_meta(
-                query_lens, context_lens, tables, self.model.block_size, dev, triton_fields=False
-            )
+                query_lens, context_lens, tables, self.model.block_size, dev,
+                triton_fields=False, decode_tables=self.attention_backend == "cpu",
+            )  # fmt: skip
         meta = ForwardMeta(
             input_ids=torch.tensor(input_ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),

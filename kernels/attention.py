@@ -8,7 +8,8 @@ A step's sequences are split into at most two groups (decodes: one query each; p
 several), each computed with one padded scaled-dot-product call. All index and mask tensors are
 built once per step (`build_attention_meta`) and reused by every layer. The same metadata also
 carries what the Triton kernels (kernels/attention_triton.py) read: block tables, lengths and
-the list of query tiles.
+the list of query tiles; and, for the CPU kernel (kernels/attention_cpu.py), the decode
+sequences' block tables in place of their padded group.
 """
 
 from __future__ import annotations
@@ -40,6 +41,20 @@ class AttnGroup:
 
 
 @dataclass
+class DecodeTables:
+    """The decode sequences of a step for kernels that read K/V pages in place (host int32):
+    tables [S, max_blocks] (padded with page 0), ctx [S] context lengths (>= 1, the new key
+    included), rows [S] each query's token row; max_page, max_row: the largest page id in
+    `tables` and row in `rows` (for bounds checks without reading the tensors)."""
+
+    tables: torch.Tensor
+    ctx: torch.Tensor
+    rows: torch.Tensor
+    max_page: int
+    max_row: int
+
+
+@dataclass
 class AttentionMeta:
     """Per-step attention metadata. The torch path reads `slot_*` and `groups`; the Triton path
     reads `slot_*` and the fields below (defaults: not built). Device tensors are int32 but
@@ -63,6 +78,7 @@ class AttentionMeta:
     max_query_len: int = 0
     max_context_len: int = 0
     q_tile: int = 1
+    decode_tables: DecodeTables | None = None  # with decode_tables=True: the decodes, not a group
 
 
 def triton_q_tile(num_heads: int, num_kv_heads: int, rows: int = 64) -> int:
@@ -82,13 +98,16 @@ def build_attention_meta(
     q_tile: int = 16,
     torch_groups: bool = True,
     triton_fields: bool = True,
+    decode_tables: bool = False,
 ) -> AttentionMeta:
     """Per-step metadata. Sequence i contributes `query_lens[i]` consecutive token rows (in
     order) whose positions are `context_lens[i] - query_lens[i] ... context_lens[i] - 1`.
 
     `q_tile`: queries per Triton tile (`triton_q_tile`); `torch_groups=False` skips the padded
     index/mask tensors that only the torch path reads (`groups` is then empty);
-    `triton_fields=False` skips the block tables and tiles that only the Triton path reads."""
+    `triton_fields=False` skips the block tables and tiles that only the Triton path reads;
+    `decode_tables=True` (with torch_groups) puts the one-query sequences in `decode_tables`
+    instead of a padded group, for the CPU kernel."""
     slot_pages, slot_offsets = [], []
     starts = []
     row = 0
@@ -98,25 +117,28 @@ def build_attention_meta(
         for pos in range(ctx - q_len, ctx):
             slot_pages.append(table[pos // block_size])
             slot_offsets.append(pos % block_size)
-    groups = []
-    for members in (
-        ()
-        if not torch_groups
-        else (
-            [i for i, q in enumerate(query_lens) if q == 1],
-            [i for i, q in enumerate(query_lens) if q > 1],
-        )
-    ):
-        if members:
-            groups.append(
-                _build_group(members, starts, query_lens, context_lens, block_tables, block_size)
-            )
+    groups, tables = [], None
+    if torch_groups:
+        decodes = [i for i, q in enumerate(query_lens) if q == 1]
+        if decode_tables and decodes:
+            tables = _decode_tables(decodes, starts, context_lens, block_tables, block_size)
+            decodes = []
+        for members in (decodes, [i for i, q in enumerate(query_lens) if q > 1]):
+            if members:
+                groups.append(
+                    _build_group(
+                        members, starts, query_lens, context_lens, block_tables, block_size
+                    )
+                )
     as_long = dict(dtype=torch.long, device=device)
     for g in groups:
         for name in ("q_index", "valid", "out_rows", "key_pages", "key_offsets", "mask"):
             setattr(g, name, getattr(g, name).to(device))
     meta = AttentionMeta(
-        torch.tensor(slot_pages, **as_long), torch.tensor(slot_offsets, **as_long), groups
+        torch.tensor(slot_pages, **as_long),
+        torch.tensor(slot_offsets, **as_long),
+        groups,
+        decode_tables=tables,
     )
     if triton_fields:
         _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_tile, device)
@@ -158,6 +180,19 @@ def _add_triton_fields(meta, query_lens, context_lens, block_tables, starts, q_t
     meta.max_query_len = max_q
     meta.max_context_len = max(context_lens, default=0)
     meta.q_tile = tile
+
+
+def _decode_tables(members, starts, context_lens, block_tables, block_size) -> DecodeTables:
+    used = [block_tables[i][: -(-context_lens[i] // block_size)] for i in members]
+    width = max(len(t) for t in used)
+    flat = [p for t in used for p in (*t, *([0] * (width - len(t))))]
+    return DecodeTables(
+        tables=torch.tensor(flat, dtype=torch.int32).view(len(members), width),
+        ctx=torch.tensor([context_lens[i] for i in members], dtype=torch.int32),
+        rows=torch.tensor([starts[i] for i in members], dtype=torch.int32),
+        max_page=max(flat),
+        max_row=max(starts[i] for i in members),
+    )
 
 
 def _build_group(members, starts, query_lens, context_lens, block_tables, block_size) -> AttnGroup:
@@ -208,10 +243,25 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """q [T, heads, head_dim] -> out [T, heads, head_dim]. New K/V must already be written."""
+    if meta.decode_tables is not None:
+        raise ValueError("decode_tables are for the CPU kernel (kernels/attention_cpu.py)")
     out = torch.empty_like(q)
+    attend_groups(q, k_cache, v_cache, meta.groups, scale, out)
+    return out
+
+
+def attend_groups(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    groups: list[AttnGroup],
+    scale: float,
+    out: torch.Tensor,
+) -> None:
+    """Write the attention output of every group's real query rows into `out` (in place)."""
     k_rows, v_rows = _token_rows(k_cache), _token_rows(v_cache)
     rows_per_page = k_cache.stride(0) // k_cache.stride(1)
-    for g in meta.groups:
+    for g in groups:
         if g.key_rows is None or g.key_rows[0] != rows_per_page:  # once per step, not per layer
             g.key_rows = (rows_per_page, (g.key_pages * rows_per_page + g.key_offsets).view(-1))
         idx = g.key_rows[1]
@@ -225,7 +275,6 @@ def paged_attention(
         )  # [G, heads, Q, hd]
         og = og.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[g.valid]
         out[g.out_rows] = og
-    return out
 
 
 def _token_rows(cache: torch.Tensor) -> torch.Tensor:

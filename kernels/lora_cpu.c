@@ -35,25 +35,6 @@
 #define REC 11
 #include "lora_vec.h"
 
-/* A grow-only block owned by the calling thread and kept between calls, so a call's scratch
- * costs no allocation and no fresh pages (the engine steps on one long-lived thread; a thread's
- * blocks are not freed when it exits). 64-byte aligned; NULL when out of memory. */
-typedef struct {
-    void *p;
-    size_t n;
-} kept_t;
-
-static void *kept(kept_t *k, size_t n) {
-    if (n > k->n) {
-        free(k->p);
-        k->n = 0;
-        const size_t size = (n + n / 2 + 4095) / 4096 * 4096;
-        k->p = aligned_alloc(64, size);
-        if (k->p) k->n = size;
-    }
-    return k->p;
-}
-
 #include "lora_amx.h"
 
 #define BY_ROWS(nr, CALL)      \

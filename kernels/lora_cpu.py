@@ -13,7 +13,7 @@ path, where the GEMM libraries beat the kernel; a step may use both. float32 and
 (float16 uses the torch path).
 
 Building and loading the library (and `cpu_kernel_error()`, `amx_available()`) live in
-kernels/lora_cpu_build.py.
+kernels/cpu_build.py.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
-from kernels.lora_cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
+from kernels.cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
     DTYPES,
     amx_available,
     call_entry_available,
@@ -33,6 +32,7 @@ from kernels.lora_cpu_build import (  # noqa: F401  (re-exported: callers import
     cpu_kernel_error,
     library,
 )
+from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
 
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())

@@ -1,15 +1,10 @@
-/* Vector building blocks of the CPU LoRA kernel (lora_cpu.c): loads and stores of float32 or
- * bfloat16 as float32 vectors, and the register-blocked shrink and expand of up to RB rows.
+/* Vector building blocks of the CPU LoRA kernel (lora_cpu.c): the register-blocked shrink and
+ * expand of up to RB rows (the loads, stores and vector types are kernels/cpu_common.h's).
  * Included by lora_cpu.c, which holds the contract and splits the work between threads.
  * Arithmetic is float32 whatever the storage type; rows are independent lanes (a row's result
  * does not depend on the other rows of its block). */
-#include <stdint.h>
-#include <string.h>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
+#include "cpu_common.h"
 
-#define VL 16      /* floats per vector */
 #define STEP 32    /* elements per step: two vectors */
 #define RB 4       /* rows per register block */
 #define JB 16      /* A rows per shrink item */
@@ -17,94 +12,6 @@
 #define PF 2       /* expand: prefetch the chunk this many rows of Bt ahead */
 #define STRIP 64   /* expand of long segments: output columns held in registers */
 #define LONG_ROWS 8 /* segments of at least this many rows use the register strips */
-
-typedef float vf __attribute__((vector_size(VL * 4)));
-typedef uint32_t vu __attribute__((vector_size(VL * 4)));
-
-#define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* STEP elements from p + i as two float vectors. float32: elements [0, 16) and [16, 32).
- * bfloat16: the even and the odd elements; a 32-bit load holds a pair, and a bf16 is the top
- * half of its float32, so the split is a shift and a mask (no shuffles). Stores use the same
- * arrangement, and a dot product does not care about the order of its terms. */
-ALWAYS_INLINE void ld2(const void *p, int64_t i, vf *lo, vf *hi, const int dt) {
-    if (dt == 0) {
-        memcpy(lo, (const float *)p + i, sizeof *lo);
-        memcpy(hi, (const float *)p + i + VL, sizeof *hi);
-    } else {
-        vu u, e, o;
-        memcpy(&u, (const uint16_t *)p + i, sizeof u);
-        e = u << 16;
-        o = u & 0xFFFF0000u;
-        memcpy(lo, &e, sizeof e);
-        memcpy(hi, &o, sizeof o);
-    }
-}
-
-/* float32 -> bfloat16 bits in the top half, round to nearest even; NaN stays a quiet NaN. */
-ALWAYS_INLINE vu round_bf16(vf f) {
-    vu u, nan = (vu)(f != f);
-    memcpy(&u, &f, sizeof u);
-    vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-    return (r & ~nan) | ((u | 0x400000u) & 0xFFFF0000u & nan);
-}
-
-/* f rounded to bfloat16 (as round_bf16), back as a float: v before a bfloat16 expand. */
-ALWAYS_INLINE float to_bf16(float f) {
-    const uint32_t u = round_bf16((vf){0} + f)[0];
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-ALWAYS_INLINE void st2(void *p, int64_t i, vf lo, vf hi, const int dt) {
-    if (dt == 0) {
-        memcpy((float *)p + i, &lo, sizeof lo);
-        memcpy((float *)p + i + VL, &hi, sizeof hi);
-    } else {
-        vu u = (round_bf16(lo) >> 16) | round_bf16(hi);
-        memcpy((uint16_t *)p + i, &u, sizeof u);
-    }
-}
-
-ALWAYS_INLINE float lds(const void *p, int64_t i, const int dt) {
-    if (dt == 0) return ((const float *)p)[i];
-    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-ALWAYS_INLINE void sts(void *p, int64_t i, float f, const int dt) {
-    if (dt == 0) {
-        ((float *)p)[i] = f;
-    } else {
-        vf v = (vf){0} + f;
-        ((uint16_t *)p)[i] = (uint16_t)(round_bf16(v)[0] >> 16);
-    }
-}
-
-/* Ask for the cache lines of STEP elements at p + i (rows of Bt are strided chunks, which the
- * hardware prefetchers follow late). */
-ALWAYS_INLINE void prefetch(const void *p, int64_t i, const int dt) {
-    const char *c = dt == 0 ? (const char *)((const float *)p + i) : (const char *)((const uint16_t *)p + i);
-    __builtin_prefetch(c);
-    if (dt == 0) __builtin_prefetch(c + 64);
-}
-
-/* Sum of the 16 lanes as a fixed tree (a serial chain would cost 16 dependent adds). */
-ALWAYS_INLINE float hsum(vf v) {
-    typedef float v8 __attribute__((vector_size(32)));
-    typedef float v4 __attribute__((vector_size(16)));
-    v8 lo8, hi8;
-    memcpy(&lo8, &v, sizeof lo8);
-    memcpy(&hi8, (const char *)&v + sizeof lo8, sizeof hi8);
-    v8 s8 = lo8 + hi8;
-    v4 lo4, hi4;
-    memcpy(&lo4, &s8, sizeof lo4);
-    memcpy(&hi4, (const char *)&s8 + sizeof lo4, sizeof hi4);
-    v4 s4 = lo4 + hi4;
-    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
-}
 
 /* acc[jj][i] += A[j + jj, k:k+STEP] . x[row0 + i, k:k+STEP] for jj < JJ, i < ROWS: each A chunk is
  * used by every row and each x chunk by every A row. bfloat16 on CPUs with AVX512-BF16: one

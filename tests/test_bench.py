@@ -43,7 +43,7 @@ def test_bench_mixed_and_base_rows(tiny_model, tmp_path, capsys, monkeypatch):
            "--json-out", str(js))  # fmt: skip
     out = capsys.readouterr().out
     assert "torch threads" in out
-    assert "loraplex paths: lora cpu, attention torch" in out  # the C LoRA kernel by default
+    assert "loraplex paths: lora cpu, attention cpu" in out  # the C kernels by default
     assert re.search(r"^system\s+workload\s+requests\s+out tokens\s+wall s", out, re.M)
     for workload in ("2 adapters (mixed)", "base only"):
         assert _row(out, "loraplex", workload)[:2] == ["4", "16"]  # all 4 ran 4 tokens each
@@ -60,7 +60,7 @@ def test_bench_mixed_and_base_rows(tiny_model, tmp_path, capsys, monkeypatch):
         "loraplex 2 adapters (mixed) / base only": pytest.approx(mixed / base)
     }
     assert data["setup"]["max_num_seqs"] == 2  # concurrency drives our engine
-    assert data["setup"]["backends"] == {"lora": "cpu", "attention": "torch"}
+    assert data["setup"]["backends"] == {"lora": "cpu", "attention": "cpu"}
     assert sorted(data["setup"]["adapters"]) == ["bench-0-r4", "bench-1-r8"]
 
 

@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kernels.lora_cpu_build as lora_cpu_build
+import kernels.cpu_build as cpu_build
 from engine import LLM
 from engine.config import EngineConfig
 from kernels.lora import (
@@ -268,12 +268,12 @@ def test_python_entry_and_ctypes_give_the_same_result(monkeypatch, tmp_path):
     segments, _, token_adapter, _ = _batch([(8, ALL, 2), (16, ALL, 3)], torch.bfloat16, gen)
     records = [adapter_records(s.views) for s in segments]
     fast = build_cpu_lora_meta(segments, records)
-    if lora_cpu_build._call_module() is None:
+    if cpu_build._call_module() is None:
         pytest.skip("the CPython entry does not build here (no Python.h or no compiler)")
     assert fast.cpu.call is not fast.cpu.kernel
-    monkeypatch.setattr(lora_cpu_build, "_call_mod", None)
-    monkeypatch.setattr(lora_cpu_build, "_CALLERS", {})
-    monkeypatch.setattr(lora_cpu_build.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    monkeypatch.setattr(cpu_build, "_call_mod", None)
+    monkeypatch.setattr(cpu_build, "_CALLERS", {})
+    monkeypatch.setattr(cpu_build.sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
     slow = build_cpu_lora_meta(segments, records)
     assert slow.cpu.call is slow.cpu.kernel  # no Python.h: ctypes
     for group, (d_in, d_out) in GROUP_DIMS.items():
@@ -315,43 +315,48 @@ def test_config_resolves_and_validates_the_cpu_backend():
     assert EngineConfig(device="cpu", dtype="bfloat16").backend("lora") == "cpu"
     assert EngineConfig(device="cpu", dtype="float16").backend("lora") == "torch"
     assert EngineConfig(device="cuda").backend("lora") == "triton"
-    assert EngineConfig(device="cpu").backend("attention") == "torch"
+    assert EngineConfig(device="cpu").backend("attention") == "cpu"
+    assert EngineConfig(device="cpu", dtype="float16").backend("attention") == "torch"
+    assert EngineConfig(device="cuda").backend("attention") == "triton"
     with pytest.raises(ValueError, match="lora_backend 'cpu' needs"):
         EngineConfig(device="cpu", dtype="float16", lora_backend="cpu")
     with pytest.raises(ValueError, match="lora_backend 'cpu' needs"):
         EngineConfig(device="cuda", lora_backend="cpu")
-    with pytest.raises(ValueError, match="attention_backend"):
-        EngineConfig(attention_backend="cpu")
+    with pytest.raises(ValueError, match="attention_backend 'cpu' needs"):
+        EngineConfig(device="cpu", dtype="float16", attention_backend="cpu")
 
 
 def test_without_a_compiler_auto_falls_back_and_cpu_fails(
     tiny_llama, monkeypatch, tmp_path, caplog
 ):
-    monkeypatch.setattr(lora_cpu_build, "_lib", None)
-    monkeypatch.setattr(lora_cpu_build, "_error", None)
-    monkeypatch.setattr(lora_cpu_build, "_FUNCS", {})
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
+    monkeypatch.setattr(cpu_build, "_FUNCS", {})
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    assert "no-such-cc" in lora_cpu_build.cpu_kernel_error()
+    assert "no-such-cc" in cpu_build.cpu_kernel_error()
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-written library
     with caplog.at_level(logging.WARNING, logger="engine.engine"):
         llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=4 << 20)
-    assert llm.engine.backends["lora"] == "torch"
-    assert "torch LoRA path" in caplog.text and "no-such-cc" in caplog.text
+    assert llm.engine.backends == {"lora": "torch", "attention": "torch"}
+    assert "torch lora path" in caplog.text and "torch attention path" in caplog.text
+    assert "no-such-cc" in caplog.text
     with pytest.raises(RuntimeError, match="lora_backend 'cpu'.*no-such-cc"):
         LLM(tiny_llama["model_dir"], pool_bytes=4 << 20, lora_backend="cpu")
+    with pytest.raises(RuntimeError, match="attention_backend 'cpu'.*no-such-cc"):
+        LLM(tiny_llama["model_dir"], pool_bytes=4 << 20, attention_backend="cpu")
 
 
 def test_library_is_built_once_per_cache(monkeypatch, tmp_path):
-    monkeypatch.setattr(lora_cpu_build, "_lib", None)
-    monkeypatch.setattr(lora_cpu_build, "_error", None)
-    monkeypatch.setattr(lora_cpu_build, "_FUNCS", {})
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
+    monkeypatch.setattr(cpu_build, "_FUNCS", {})
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
-    assert lora_cpu_build.cpu_kernel_error() is None
+    assert cpu_build.cpu_kernel_error() is None
     (built,) = (tmp_path / "kernels").iterdir()
     mtime = built.stat().st_mtime_ns
-    monkeypatch.setattr(lora_cpu_build, "_lib", None)
-    assert lora_cpu_build.cpu_kernel_error() is None
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    assert cpu_build.cpu_kernel_error() is None
     assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.name]
     assert built.stat().st_mtime_ns == mtime
 
@@ -359,16 +364,16 @@ def test_library_is_built_once_per_cache(monkeypatch, tmp_path):
 def test_engine_start_builds_the_call_entry(tiny_llama, monkeypatch, tmp_path):
     """The CPython entry is built when the engine starts, not in its first step."""
     for name, value in (("_lib", None), ("_error", None), ("_call_mod", None)):
-        monkeypatch.setattr(lora_cpu_build, name, value)
-    monkeypatch.setattr(lora_cpu_build, "_FUNCS", {})
-    monkeypatch.setattr(lora_cpu_build, "_CALLERS", {})
+        monkeypatch.setattr(cpu_build, name, value)
+    monkeypatch.setattr(cpu_build, "_FUNCS", {})
+    monkeypatch.setattr(cpu_build, "_CALLERS", {})
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path))
     llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=4 << 20)
     assert llm.engine.backends["lora"] == "cpu"
     built = sorted(p.name.split("-")[0] for p in (tmp_path / "kernels").iterdir())
-    if lora_cpu_build._call_mod is False:
+    if cpu_build._call_mod is False:
         pytest.skip("the CPython entry does not build here")
-    assert built == ["lora_call", "lora_cpu"]
+    assert built == ["cpu_kernels", "lora_call"]
 
 
 def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_path, caplog):
@@ -379,13 +384,13 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_p
     wrapper.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\n'
                        f'exec {cc} "$@"\n')  # fmt: skip
     wrapper.chmod(0o755)
-    monkeypatch.setattr(lora_cpu_build, "_lib", None)
-    monkeypatch.setattr(lora_cpu_build, "_error", None)
-    monkeypatch.setattr(lora_cpu_build, "_FUNCS", {})
+    monkeypatch.setattr(cpu_build, "_lib", None)
+    monkeypatch.setattr(cpu_build, "_error", None)
+    monkeypatch.setattr(cpu_build, "_FUNCS", {})
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="kernels.lora_cpu"):
-        assert lora_cpu_build.cpu_kernel_error() is None
+    with caplog.at_level(logging.WARNING, logger="kernels.cpu_build"):
+        assert cpu_build.cpu_kernel_error() is None
     assert "without OpenMP" in caplog.text
     gen = torch.Generator().manual_seed(13)
     specs = [(8, ALL, 3), (64, ALL, 12), (1, ("q_proj",), 1)]

@@ -41,9 +41,10 @@ def test_variant_matches_hf_peft(tmp_path, family, kwargs):
     _check_exact(model_dir, adapter)
 
 
-@pytest.mark.parametrize("lora_backend", ["cpu", "torch"])
-def test_bfloat16_close_to_float32(tiny_llama, lora_backend):
-    """bf16 (oneDNN-packed base linears, the given LoRA path) stays close to float32."""
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bfloat16_close_to_float32(tiny_llama, backend):
+    """bf16 (oneDNN-packed base linears, the given LoRA and attention paths) stays close to
+    float32."""
     prompt = [[7, 8, 9, 10, 11]]
     logprobs = {}
     for dtype in ("float32", "bfloat16"):
@@ -52,9 +53,10 @@ def test_bfloat16_close_to_float32(tiny_llama, lora_backend):
             adapters=tiny_llama["adapters"],
             dtype=dtype,
             pool_bytes=4 << 20,
-            lora_backend=lora_backend,
+            lora_backend=backend,
+            attention_backend=backend,
         )
-        assert llm.engine.backends["lora"] == lora_backend
+        assert llm.engine.backends == {"lora": backend, "attention": backend}
         out = llm.generate(
             prompt, SamplingParams(max_tokens=1, temperature=0, logprobs=5), ["r8_all"]
         )[0]

@@ -60,20 +60,20 @@ def _assert_matches_oracle(fx: dict, prompts, adapters, outs, max_tokens=MAX_TOK
         )
 
 
-@pytest.mark.parametrize("lora_backend", ["cpu", "torch"])
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_qwen2"])
-def test_one_mixed_batch_matches_hf_peft(request, name, lora_backend):
-    """Both CPU LoRA paths: the C kernel (decode rows; prefill segments go to torch) and the
-    torch path alone."""
+def test_one_mixed_batch_matches_hf_peft(request, name, backend):
+    """Both CPU paths for LoRA and attention: the C kernels (LoRA: short segments; attention:
+    decode queries, prefill chunks go to torch) and the torch paths alone."""
     fx = request.getfixturevalue(name)
     assert len(fx["adapters"]) >= 6
     prompts, adapters = _mixed_requests(fx, seed=11)
     assert {len(p) for p in prompts} >= {3, 40}
     llm = LLM(
         fx["model_dir"], adapters=fx["adapters"], pool_bytes=8 << 20, max_lora_rank=64,
-        lora_backend=lora_backend,
+        lora_backend=backend, attention_backend=backend,
     )  # fmt: skip
-    assert llm.engine.backends["lora"] == lora_backend
+    assert llm.engine.backends == {"lora": backend, "attention": backend}
     steps = []
     orig_step = llm.engine.step
     llm.engine.step = lambda: steps.append(1) or orig_step()

@@ -42,7 +42,8 @@ def test_triton_backends_match_torch(tiny_llama, lora, attention):
 
 def test_backend_defaults():
     assert EngineConfig(device="cpu").backend("lora") == "cpu"  # tests/test_lora_cpu.py
-    assert EngineConfig(device="cpu").backend("attention") == "torch"
+    assert EngineConfig(device="cpu").backend("attention") == "cpu"  # test_attention_cpu.py
+    assert EngineConfig(device="cpu", dtype="float16").backend("attention") == "torch"
     assert EngineConfig(device="cuda").backend("attention") == "triton"
     assert EngineConfig(device="cpu", lora_backend="triton").backend("lora") == "triton"
     with pytest.raises(ValueError, match="lora_backend"):

@@ -1,5 +1,7 @@
-"""Building and loading the CPU LoRA kernel (kernels/lora_cpu.c) and its CPython call entry
-(kernels/lora_call.c); kernels/lora_cpu.py builds the per-step inputs and makes the calls.
+"""Building and loading the CPU kernels: LoRA (kernels/lora_cpu.c) and paged decode attention
+(kernels/attention_cpu.c), one library, and the LoRA kernel's CPython call entry
+(kernels/lora_call.c). kernels/lora_cpu.py and kernels/attention_cpu.py build the per-step inputs
+and make the calls.
 
 The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
 `cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
@@ -30,9 +32,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("lora_cpu.c")
-# included by SOURCE: part of the build key
-HEADERS = (Path(__file__).with_name("lora_vec.h"), Path(__file__).with_name("lora_amx.h"))
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_cpu.c", "attention_cpu.c"))
+# included by SOURCES: part of the build key
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_common.h", "lora_vec.h", "lora_amx.h"))
 CALL_SOURCE = Path(__file__).with_name("lora_call.c")  # the CPython entry; optional
 DTYPES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
@@ -60,16 +62,17 @@ def _cpu_id() -> str:
 
 def _compile(cc: str, out: Path) -> None:
     """Best flags first; without OpenMP (e.g. Apple clang) the kernel runs on one thread."""
-    base = [cc, "-O3", "-shared", "-fPIC", str(SOURCE), "-o", str(out)]
+    base = [cc, "-O3", "-shared", "-fPIC", *map(str, SOURCES), "-o", str(out)]
     errors = []
     for extra in (["-march=native", "-fopenmp"], ["-fopenmp"], ["-march=native"], []):
         proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         if proc.returncode == 0:
             if "-fopenmp" not in extra:
-                logger.warning("CPU LoRA kernel built without OpenMP: it runs on one thread")
+                logger.warning("CPU kernels built without OpenMP: they run on one thread")
             return
         errors.append(proc.stderr.strip()[-2000:])
-    raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n" + "\n".join(errors))
+    names = " ".join(p.name for p in SOURCES)
+    raise RuntimeError(f"{cc} failed to build {names}:\n" + "\n".join(errors))
 
 
 def _cache_dir() -> Path:
@@ -104,9 +107,9 @@ def _built(stem: str, key: bytes, build: Callable[[Path], None]) -> Path:
 
 def _load() -> ctypes.CDLL:
     cc = _compiler()
-    sources = b"".join(p.read_bytes() for p in (SOURCE, *HEADERS))
+    sources = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     path = _built(
-        "lora_cpu",
+        "cpu_kernels",
         sources + f"|{os.path.realpath(cc)}|{_cpu_id()}".encode(),
         lambda out: _compile(cc, out),
     )
@@ -118,6 +121,16 @@ def _load() -> ctypes.CDLL:
         fn.argtypes = [
             ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
             ctypes.c_int32,
+        ]  # fmt: skip
+    for name in ("decode_attention_f32", "decode_attention_bf16"):
+        fn = getattr(lib, name)
+        fn.restype = ctypes.c_int
+        # q, ldq, out, ldo, k, v, page_stride, slot_stride, tables, max_blocks, ctx, rows, nseq,
+        # H, KH, D, block_size, scale, nthreads (attention_cpu.c)
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        fn.argtypes = [
+            ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, i32, ptr, ptr, i32, i32, i32, i32, i32,
+            ctypes.c_float, i32,
         ]  # fmt: skip
     lib.lora_amx_init.restype = ctypes.c_int
     lib.lora_amx_init.argtypes = []
@@ -137,7 +150,7 @@ def library() -> ctypes.CDLL:
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 _error = str(e)
         if _lib is None:
-            raise RuntimeError(f"CPU LoRA kernel unavailable: {_error}")
+            raise RuntimeError(f"CPU kernels unavailable: {_error}")
         return _lib
 
 

@@ -1,0 +1,219 @@
+/* Paged decode attention for the CPU: one call per layer computes, for every decode sequence of
+ * the step (one query token each), softmax(scale * q K^T) V over its whole context, reading K and
+ * V in place from the unified pool's pages through the sequence's block table (the torch path
+ * gathers a padded copy of every context first). Built into one library with the LoRA kernel
+ * (kernels/cpu_build.py) and called by kernels/attention_cpu.py; the torch reference is
+ * kernels/attention.py (paged_attention), and tests/test_attention_cpu.py checks one against
+ * the other.
+ *
+ * Contract (elements, not bytes; dtype 0 = float32, 1 = bfloat16 for q, out and the caches):
+ *   q, out: sequence s's query is row rows[s], its heads [H, D] contiguous; row strides ldq, ldo.
+ *   k, v (one layer's caches): kv head j of slot t of page p starts at
+ *     p * page_stride + t * slot_stride + j * D.
+ *   tables [nseq, max_blocks] int32: the page of each block (block b holds positions
+ *     b * block_size ...); ctx [nseq] int32 in [1, max_blocks * block_size]: context length
+ *     (keys 0 .. ctx - 1, the query's own key included, already written).
+ *   H % KH == 0 (query head h reads kv head h / (H / KH)), H / KH <= MAX_GROUP, D % 16 == 0,
+ *   D <= 128.
+ * Effect: out[rows[s], h] = sum_t p_t V[s, t], p = softmax over t < ctx[s] of
+ * scale * q[rows[s], h] . K[s, t]. Arithmetic in float32 (bfloat16 inputs widen exactly, out is
+ * rounded once); exp is a polynomial within a few ulp of expf. A sequence's result depends only
+ * on its own inputs. Returns 0, or -1 when out of memory (scratch).
+ * Work: (sequence, kv head) items, each thread of one OpenMP region takes a contiguous run of
+ * about equal total context.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_common.h"
+
+#define MAX_GROUP 16 /* query heads per kv head */
+#define KB 16        /* keys per block of scores */
+
+typedef int32_t vi __attribute__((vector_size(VL * 4)));
+
+/* exp(x) per lane for x <= 0 (scores minus their maximum): 2^n * e^r with n = round(x / ln 2),
+ * |r| <= ln2 / 2, e^r by its degree-7 Taylor polynomial (relative error < 2e-8 before rounding);
+ * lanes below -87 give ~1e-38 (their weight next to the maximum's 1 is far below float32's). */
+ALWAYS_INLINE vf exp_neg(vf x) {
+    const vf lo = (vf){0} - 87.0f, big = (vf){0} + 12582912.0f; /* 1.5 * 2^23: rounds to int */
+    const vi below = x < lo; /* lanewise: all ones where x < lo */
+    vi xi, loi;
+    memcpy(&xi, &x, sizeof xi);
+    memcpy(&loi, &lo, sizeof loi);
+    xi = (below & loi) | (~below & xi);
+    memcpy(&x, &xi, sizeof x);
+    const vf n = (x * 1.44269504088896341f + big) - big;
+    const vf r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f; /* ln2 in 2 parts */
+    vf p = (vf){0} + 1.0f / 5040;
+    p = p * r + 1.0f / 720;
+    p = p * r + 1.0f / 120;
+    p = p * r + 1.0f / 24;
+    p = p * r + 1.0f / 6;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    const vi e = (__builtin_convertvector(n, vi) + 127) << 23; /* 2^n, n in [-126, 0] */
+    vf two_n;
+    memcpy(&two_n, &e, sizeof two_n);
+    return p * two_n;
+}
+
+/* A head's D elements at p + i as D / 16 float vectors, in ld2's arrangement (a last 16 in
+ * order), and back: dot products and sums do not care about the order, stores undo it. */
+ALWAYS_INLINE void ld_head(const void *p, int64_t i, int D, vf *h, const int dt) {
+    int c = 0;
+    for (; c + 32 <= D; c += 32) ld2(p, i + c, &h[c / 16], &h[c / 16 + 1], dt);
+    if (c < D) {
+        if (dt == 0) {
+            memcpy(&h[c / 16], (const float *)p + i + c, sizeof(vf));
+        } else {
+            typedef uint16_t vh __attribute__((vector_size(VL * 2)));
+            vh b;
+            memcpy(&b, (const uint16_t *)p + i + c, sizeof b);
+            const vu u = __builtin_convertvector(b, vu) << 16;
+            memcpy(&h[c / 16], &u, sizeof u);
+        }
+    }
+}
+
+ALWAYS_INLINE void st_head(void *p, int64_t i, int D, const vf *h, const int dt) {
+    int c = 0;
+    for (; c + 32 <= D; c += 32) st2(p, i + c, h[c / 16], h[c / 16 + 1], dt);
+    for (int l = 0; c < D && l < VL; l++) sts(p, i + c + l, h[c / 16][l], dt);
+}
+
+ALWAYS_INLINE const void *at(const void *base, int64_t i, const int dt) {
+    return dt == 0 ? (const void *)((const float *)base + i)
+                   : (const void *)((const uint16_t *)base + i);
+}
+
+/* One (sequence, kv head) item: the G query heads of kv head j. s: G * ctx float32 scratch. */
+ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v,
+                          int64_t page_stride, int64_t slot_stride, const int32_t *table,
+                          int ctx, int j, int G, int D, int block_size, float scale, float *s,
+                          const int dt) {
+    const int nv = D / VL; /* vectors per head */
+    vf qv[MAX_GROUP][8], acc[MAX_GROUP][8];
+    float lmax[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        lmax[g] = -INFINITY;
+        ld_head(q, (int64_t)(j * G + g) * D, D, qv[g], dt);
+    }
+    /* scores s[g * ctx + t] = scale * q_g . k_t, one key at a time (all G heads share its load) */
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = table[t / block_size] * page_stride +
+                            (t % block_size) * slot_stride + (int64_t)j * D;
+        vf kv[8];
+        ld_head(k, off, D, kv, dt);
+        for (int g = 0; g < G; g++) {
+            vf d = qv[g][0] * kv[0];
+            for (int c = 1; c < nv; c++) d += qv[g][c] * kv[c];
+            const float sc = hsum(d) * scale;
+            s[g * ctx + t] = sc;
+            lmax[g] = sc > lmax[g] ? sc : lmax[g];
+        }
+    }
+    /* probabilities (unnormalized) and their sums */
+    float sum[MAX_GROUP];
+    for (int g = 0; g < G; g++) {
+        float *sg = s + (int64_t)g * ctx;
+        vf tot = (vf){0};
+        int t = 0;
+        for (; t + VL <= ctx; t += VL) {
+            vf x;
+            memcpy(&x, sg + t, sizeof x);
+            x = exp_neg(x - lmax[g]);
+            memcpy(sg + t, &x, sizeof x);
+            tot += x;
+        }
+        if (t < ctx) { /* the tail, padded with -inf (exp 0) */
+            vf x = (vf){0} - INFINITY;
+            memcpy(&x, sg + t, (size_t)(ctx - t) * 4);
+            x = exp_neg(x - lmax[g]);
+            for (int i = ctx - t; i < VL; i++) x[i] = 0.f;
+            memcpy(sg + t, &x, (size_t)(ctx - t) * 4);
+            tot += x;
+        }
+        sum[g] = hsum(tot);
+        for (int c = 0; c < nv; c++) acc[g][c] = (vf){0};
+    }
+    /* out_g = sum_t p_gt v_t / sum_g */
+    for (int t = 0; t < ctx; t++) {
+        const int64_t off = table[t / block_size] * page_stride +
+                            (t % block_size) * slot_stride + (int64_t)j * D;
+        vf vv[8];
+        ld_head(v, off, D, vv, dt);
+        for (int g = 0; g < G; g++) {
+            const float p = s[g * ctx + t];
+            for (int c = 0; c < nv; c++) acc[g][c] += p * vv[c];
+        }
+    }
+    for (int g = 0; g < G; g++) {
+        const float inv = 1.0f / sum[g];
+        for (int c = 0; c < nv; c++) acc[g][c] *= inv;
+        st_head(out, (int64_t)(j * G + g) * D, D, acc[g], dt);
+    }
+}
+
+static __thread kept_t score_block; /* a thread's scores, G * ctx floats */
+
+ALWAYS_INLINE int decode_attention(const void *q, int64_t ldq, void *out, int64_t ldo,
+                                   const void *k, const void *v, int64_t page_stride,
+                                   int64_t slot_stride, const int32_t *tables, int32_t max_blocks,
+                                   const int32_t *ctx, const int32_t *rows, int32_t nseq,
+                                   int32_t H, int32_t KH, int32_t D, int32_t block_size,
+                                   float scale, int32_t nthreads, const int dt) {
+    const int G = H / KH;
+    int64_t total = 0;
+    for (int s = 0; s < nseq; s++) total += ctx[s];
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nseq * KH > 1) reduction(| : failed)
+    {
+#ifdef _OPENMP
+        const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const int tid = 0, nt = 1;
+#endif
+        /* items (s, j) in order, item cost ctx[s]: this thread takes those whose cost prefix
+         * starts in [total * KH * tid / nt, total * KH * (tid + 1) / nt) */
+        const int64_t lo = total * KH * tid / nt, hi = total * KH * (tid + 1) / nt;
+        int64_t before = 0;
+        for (int s = 0; s < nseq && before < hi; s++) {
+            for (int j = 0; j < KH; j++, before += ctx[s]) {
+                if (before < lo || before >= hi) continue;
+                float *sc = kept(&score_block, (size_t)G * ctx[s] * sizeof(float));
+                if (!sc) {
+                    failed = 1;
+                    continue;
+                }
+                attend(at(q, rows[s] * ldq, dt), (char *)out + (dt == 0 ? 4 : 2) * rows[s] * ldo,
+                       k, v, page_stride, slot_stride, tables + (int64_t)s * max_blocks, ctx[s], j,
+                       G, D, block_size, scale, sc, dt);
+            }
+        }
+    }
+    return failed ? -1 : 0;
+}
+
+int decode_attention_f32(const void *q, int64_t ldq, void *out, int64_t ldo, const void *k,
+                         const void *v, int64_t page_stride, int64_t slot_stride,
+                         const int32_t *tables, int32_t max_blocks, const int32_t *ctx,
+                         const int32_t *rows, int32_t nseq, int32_t H, int32_t KH, int32_t D,
+                         int32_t block_size, float scale, int32_t nthreads) {
+    return decode_attention(q, ldq, out, ldo, k, v, page_stride, slot_stride, tables, max_blocks,
+                            ctx, rows, nseq, H, KH, D, block_size, scale, nthreads, 0);
+}
+
+int decode_attention_bf16(const void *q, int64_t ldq, void *out, int64_t ldo, const void *k,
+                          const void *v, int64_t page_stride, int64_t slot_stride,
+                          const int32_t *tables, int32_t max_blocks, const int32_t *ctx,
+                          const int32_t *rows, int32_t nseq, int32_t H, int32_t KH, int32_t D,
+                          int32_t block_size, float scale, int32_t nthreads) {
+    return decode_attention(q, ldq, out, ldo, k, v, page_stride, slot_stride, tables, max_blocks,
+                            ctx, rows, nseq, H, KH, D, block_size, scale, nthreads, 1);
+}
