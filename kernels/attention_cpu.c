@@ -19,8 +19,9 @@
  * scale * q[rows[s], h] . K[s, t]. Arithmetic in float32 (bfloat16 inputs widen exactly, out is
  * rounded once); exp is a polynomial within a few ulp of expf. A sequence's result depends only
  * on its own inputs. Returns 0, or -1 when out of memory (scratch).
- * Work: (sequence, kv head) items, each thread of one OpenMP region takes a contiguous run of
- * about equal total context.
+ * Work: items of one sequence's kv heads (all of them, up to MAX_ITEM_HEADS query heads; fewer
+ * when there are fewer sequences than threads); each thread of one OpenMP region takes a
+ * contiguous run of items of about equal cost (keys x kv heads).
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,8 +32,8 @@
 
 #include "cpu_common.h"
 
-#define MAX_GROUP 16 /* query heads per kv head */
-#define KB 16        /* keys per block of scores */
+#define MAX_GROUP 16      /* query heads per kv head */
+#define MAX_ITEM_HEADS 32 /* query heads per work item (its queries and sums stay on the stack) */
 
 typedef int32_t vi __attribute__((vector_size(VL * 4)));
 
@@ -92,71 +93,92 @@ ALWAYS_INLINE const void *at(const void *base, int64_t i, const int dt) {
                    : (const void *)((const uint16_t *)base + i);
 }
 
-/* One (sequence, kv head) item: the G query heads of kv head j. s: G * ctx float32 scratch. */
+/* Ask for the cache lines of `bytes` at p (the next page's part of a key or value row: pages
+ * are scattered, so the hardware prefetchers cannot know where the next one is). */
+ALWAYS_INLINE void prefetch_row(const char *p, int bytes) {
+    for (int b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+}
+
+/* One item: sequence s's kv heads [j0, j1) and their nh = (j1 - j0) * G query heads (query head
+ * h of the item is head j0 * G + h of the row). s: nh * ctx float32 scratch. Keys and values
+ * are read a slot row at a time (the item's heads are contiguous in it), the next page's row
+ * prefetched. */
 ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v,
                           int64_t page_stride, int64_t slot_stride, const int32_t *table,
-                          int ctx, int j, int G, int D, int block_size, float scale, float *s,
-                          const int dt) {
-    const int nv = D / VL; /* vectors per head */
-    vf qv[MAX_GROUP][8], acc[MAX_GROUP][8];
-    float lmax[MAX_GROUP];
-    for (int g = 0; g < G; g++) {
-        lmax[g] = -INFINITY;
-        ld_head(q, (int64_t)(j * G + g) * D, D, qv[g], dt);
+                          int ctx, int j0, int j1, int G, int D, int block_size, float scale,
+                          float *s, const int dt) {
+    const int nv = D / VL, nh = (j1 - j0) * G, esize = dt == 0 ? 4 : 2;
+    const int row_bytes = (j1 - j0) * D * esize, nblocks = (ctx + block_size - 1) / block_size;
+    vf qv[MAX_ITEM_HEADS][8], acc[MAX_ITEM_HEADS][8];
+    float lmax[MAX_ITEM_HEADS], sum[MAX_ITEM_HEADS];
+    for (int h = 0; h < nh; h++) {
+        lmax[h] = -INFINITY;
+        ld_head(q, (int64_t)(j0 * G + h) * D, D, qv[h], dt);
     }
-    /* scores s[g * ctx + t] = scale * q_g . k_t, one key at a time (all G heads share its load) */
+    /* scores s[h * ctx + t] = scale * q_h . k_t (a key's load serves its G query heads) */
     for (int t = 0; t < ctx; t++) {
-        const int64_t off = table[t / block_size] * page_stride +
-                            (t % block_size) * slot_stride + (int64_t)j * D;
-        vf kv[8];
-        ld_head(k, off, D, kv, dt);
-        for (int g = 0; g < G; g++) {
-            vf d = qv[g][0] * kv[0];
-            for (int c = 1; c < nv; c++) d += qv[g][c] * kv[c];
-            const float sc = hsum(d) * scale;
-            s[g * ctx + t] = sc;
-            lmax[g] = sc > lmax[g] ? sc : lmax[g];
+        const int b = t / block_size;
+        const int64_t row = (t % block_size) * slot_stride + (int64_t)j0 * D;
+        if (b + 1 < nblocks)
+            prefetch_row((const char *)at(k, table[b + 1] * page_stride + row, dt), row_bytes);
+        const int64_t off = table[b] * page_stride + row;
+        for (int jj = 0; jj < j1 - j0; jj++) {
+            vf kv[8];
+            ld_head(k, off + (int64_t)jj * D, D, kv, dt);
+            for (int g = 0; g < G; g++) {
+                const int h = jj * G + g;
+                vf d = qv[h][0] * kv[0];
+                for (int c = 1; c < nv; c++) d += qv[h][c] * kv[c];
+                const float sc = hsum(d) * scale;
+                s[(int64_t)h * ctx + t] = sc;
+                lmax[h] = sc > lmax[h] ? sc : lmax[h];
+            }
         }
     }
     /* probabilities (unnormalized) and their sums */
-    float sum[MAX_GROUP];
-    for (int g = 0; g < G; g++) {
-        float *sg = s + (int64_t)g * ctx;
+    for (int h = 0; h < nh; h++) {
+        float *sh = s + (int64_t)h * ctx;
         vf tot = (vf){0};
         int t = 0;
         for (; t + VL <= ctx; t += VL) {
             vf x;
-            memcpy(&x, sg + t, sizeof x);
-            x = exp_neg(x - lmax[g]);
-            memcpy(sg + t, &x, sizeof x);
+            memcpy(&x, sh + t, sizeof x);
+            x = exp_neg(x - lmax[h]);
+            memcpy(sh + t, &x, sizeof x);
             tot += x;
         }
-        if (t < ctx) { /* the tail, padded with -inf (exp 0) */
-            vf x = (vf){0} - INFINITY;
-            memcpy(&x, sg + t, (size_t)(ctx - t) * 4);
-            x = exp_neg(x - lmax[g]);
+        if (t < ctx) { /* the tail; lanes past ctx are zeroed */
+            vf x = (vf){0} + lmax[h];
+            memcpy(&x, sh + t, (size_t)(ctx - t) * 4);
+            x = exp_neg(x - lmax[h]);
             for (int i = ctx - t; i < VL; i++) x[i] = 0.f;
-            memcpy(sg + t, &x, (size_t)(ctx - t) * 4);
+            memcpy(sh + t, &x, (size_t)(ctx - t) * 4);
             tot += x;
         }
-        sum[g] = hsum(tot);
-        for (int c = 0; c < nv; c++) acc[g][c] = (vf){0};
+        sum[h] = hsum(tot);
+        for (int c = 0; c < nv; c++) acc[h][c] = (vf){0};
     }
-    /* out_g = sum_t p_gt v_t / sum_g */
+    /* out_h = sum_t p_ht v_t / sum_h */
     for (int t = 0; t < ctx; t++) {
-        const int64_t off = table[t / block_size] * page_stride +
-                            (t % block_size) * slot_stride + (int64_t)j * D;
-        vf vv[8];
-        ld_head(v, off, D, vv, dt);
-        for (int g = 0; g < G; g++) {
-            const float p = s[g * ctx + t];
-            for (int c = 0; c < nv; c++) acc[g][c] += p * vv[c];
+        const int b = t / block_size;
+        const int64_t row = (t % block_size) * slot_stride + (int64_t)j0 * D;
+        if (b + 1 < nblocks)
+            prefetch_row((const char *)at(v, table[b + 1] * page_stride + row, dt), row_bytes);
+        const int64_t off = table[b] * page_stride + row;
+        for (int jj = 0; jj < j1 - j0; jj++) {
+            vf vv[8];
+            ld_head(v, off + (int64_t)jj * D, D, vv, dt);
+            for (int g = 0; g < G; g++) {
+                const int h = jj * G + g;
+                const float p = s[(int64_t)h * ctx + t];
+                for (int c = 0; c < nv; c++) acc[h][c] += p * vv[c];
+            }
         }
     }
-    for (int g = 0; g < G; g++) {
-        const float inv = 1.0f / sum[g];
-        for (int c = 0; c < nv; c++) acc[g][c] *= inv;
-        st_head(out, (int64_t)(j * G + g) * D, D, acc[g], dt);
+    for (int h = 0; h < nh; h++) {
+        const float inv = 1.0f / sum[h];
+        for (int c = 0; c < nv; c++) acc[h][c] *= inv;
+        st_head(out, (int64_t)(j0 * G + h) * D, D, acc[h], dt);
     }
 }
 
@@ -169,30 +191,40 @@ ALWAYS_INLINE int decode_attention(const void *q, int64_t ldq, void *out, int64_
                                    int32_t H, int32_t KH, int32_t D, int32_t block_size,
                                    float scale, int32_t nthreads, const int dt) {
     const int G = H / KH;
-    int64_t total = 0;
-    for (int s = 0; s < nseq; s++) total += ctx[s];
+    /* kv heads per item: at most MAX_ITEM_HEADS query heads, and split further when there are
+     * fewer sequences than threads (a single long decode still uses every thread) */
+    int per = MAX_ITEM_HEADS / G < KH ? MAX_ITEM_HEADS / G : KH;
+    if (nseq < nthreads) {
+        const int split = (KH + nthreads - 1) / nthreads;
+        per = split < per ? split : per;
+    }
+    int64_t total = 0; /* cost: keys times kv heads */
+    for (int s = 0; s < nseq; s++) total += (int64_t)ctx[s] * KH;
     int failed = 0;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && nseq * KH > 1) reduction(| : failed)
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && total > 0) reduction(| : failed)
     {
 #ifdef _OPENMP
         const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
 #else
         const int tid = 0, nt = 1;
 #endif
-        /* items (s, j) in order, item cost ctx[s]: this thread takes those whose cost prefix
-         * starts in [total * KH * tid / nt, total * KH * (tid + 1) / nt) */
-        const int64_t lo = total * KH * tid / nt, hi = total * KH * (tid + 1) / nt;
+        /* items (s, j0) in order: this thread takes those whose cost prefix starts in
+         * [total * tid / nt, total * (tid + 1) / nt) */
+        const int64_t lo = total * tid / nt, hi = total * (tid + 1) / nt;
         int64_t before = 0;
         for (int s = 0; s < nseq && before < hi; s++) {
-            for (int j = 0; j < KH; j++, before += ctx[s]) {
-                if (before < lo || before >= hi) continue;
-                float *sc = kept(&score_block, (size_t)G * ctx[s] * sizeof(float));
+            for (int j0 = 0; j0 < KH; j0 += per) {
+                const int j1 = j0 + per < KH ? j0 + per : KH;
+                const int64_t cost = (int64_t)ctx[s] * (j1 - j0);
+                before += cost;
+                if (before - cost < lo || before - cost >= hi) continue;
+                float *sc = kept(&score_block, (size_t)(j1 - j0) * G * ctx[s] * sizeof(float));
                 if (!sc) {
                     failed = 1;
                     continue;
                 }
-                attend(at(q, rows[s] * ldq, dt), (char *)out + (dt == 0 ? 4 : 2) * rows[s] * ldo,
-                       k, v, page_stride, slot_stride, tables + (int64_t)s * max_blocks, ctx[s], j,
+                attend(at(q, rows[s] * ldq, dt), (void *)at(out, rows[s] * ldo, dt), k, v,
+                       page_stride, slot_stride, tables + (int64_t)s * max_blocks, ctx[s], j0, j1,
                        G, D, block_size, scale, sc, dt);
             }
         }

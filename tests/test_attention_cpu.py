@@ -82,6 +82,24 @@ def test_decode_kernel_matches_dense_reference(heads, kv_heads, hd, block_size, 
     _check(seqs, out, q, full_k, full_v, hd**-0.5, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_items_of_part_of_a_sequences_heads(dtype):
+    """Work items cover some of a sequence's kv heads: with more query heads than one item
+    holds (64 heads over 8 kv heads), and with fewer sequences than threads (one sequence,
+    its kv heads split between threads)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for heads, kv_heads, seqs in [(64, 8, [(37, 1), (20, 1), (5, 2)]), (4, 4, [(50, 1)])]:
+            q, k_cache, v_cache, meta, full_k, full_v = _case(
+                seqs, 4, heads, kv_heads, 16, dtype, seed=heads
+            )
+            out = paged_attention_cpu(q, k_cache, v_cache, meta, 0.25)
+            _check(seqs, out, q, full_k, full_v, 0.25, dtype)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_decode_only_batch_and_extreme_scores():
     """No torch group at all; huge score gaps (exp underflow to 0 for all but one key) and
     equal scores (uniform weights) both come out right."""
