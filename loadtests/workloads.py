@@ -12,7 +12,9 @@ Contracts:
   `StreamResult` per request, in request order. Output tokens are counted exactly from the
   final `usage` chunk (`stream_options.include_usage`); with `logprobs=True` the per-token
   strings and log-probabilities are collected too. Any non-200 answer, error event or missing
-  usage raises `StreamError`.
+  usage raises `StreamError`. The clients are aiohttp's (C HTTP parser): on a small machine the
+  load generator shares the server's cores, and httpx took 2.5x the CPU per streamed chunk
+  (docs/benchmarks.md).
 - `ServerProcess` runs `loraplex serve` as a subprocess (ready once `/health` answers, stopped
   with SIGTERM); `CpuMeter` measures the CPU the client, the server and everything else used.
 """
@@ -31,6 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 logger = logging.getLogger(__name__)
@@ -96,38 +99,28 @@ def completion_body(model: str, prompt: list[int], max_tokens: int, logprobs: bo
 
 
 async def stream_one(
-    client: httpx.AsyncClient, index: int, body: dict, headers: dict | None = None
+    session: aiohttp.ClientSession, index: int, body: dict, headers: dict | None = None
 ) -> StreamResult:
     """One streamed completion; parses the SSE events as they arrive."""
     res = StreamResult(index, time.perf_counter())
     done = False
-    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
-        if r.status_code != 200:
-            detail = (await r.aread()).decode(errors="replace")[:500]
-            raise StreamError(f"request {index}: HTTP {r.status_code}: {detail}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            data = line[6:]
-            if data == "[DONE]":
-                done = True
-                break
-            t = time.perf_counter()
-            event = json.loads(data)
-            if "error" in event:
-                raise StreamError(f"request {index}: error event: {event['error']}")
-            for choice in event.get("choices") or []:
-                if res.t_first is None:
-                    res.t_first = t
-                res.chunk_times.append(t)
-                res.text += choice.get("text") or ""
-                lp = choice.get("logprobs")
-                if lp:
-                    res.tokens += lp["tokens"]
-                    res.token_logprobs += lp["token_logprobs"]
-                res.finish_reason = choice.get("finish_reason") or res.finish_reason
-            if event.get("usage"):
-                res.completion_tokens = event["usage"]["completion_tokens"]
+    async with session.post("/v1/completions", json=body, headers=headers) as r:
+        if r.status != 200:
+            detail = (await r.read()).decode(errors="replace")[:500]
+            raise StreamError(f"request {index}: HTTP {r.status}: {detail}")
+        pending = b""
+        async for chunk in r.content.iter_any():
+            # events end with a blank line; a chunk may hold several or part of one
+            *events, pending = (pending + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
+            for raw in events:
+                if not raw.startswith(b"data: "):
+                    continue
+                data = raw[6:]
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                t = time.perf_counter()
+                _take_event(res, index, json.loads(data), t)
     res.t_end = time.perf_counter()
     if not done or res.t_first is None or not res.completion_tokens:
         raise StreamError(f"request {index}: the stream ended without tokens, usage or [DONE]")
@@ -137,6 +130,23 @@ async def stream_one(
             f"{res.completion_tokens}"
         )
     return res
+
+
+def _take_event(res: StreamResult, index: int, event: dict, t: float) -> None:
+    if "error" in event:
+        raise StreamError(f"request {index}: error event: {event['error']}")
+    for choice in event.get("choices") or []:
+        if res.t_first is None:
+            res.t_first = t
+        res.chunk_times.append(t)
+        res.text += choice.get("text") or ""
+        lp = choice.get("logprobs")
+        if lp:
+            res.tokens += lp["tokens"]
+            res.token_logprobs += lp["token_logprobs"]
+        res.finish_reason = choice.get("finish_reason") or res.finish_reason
+    if event.get("usage"):
+        res.completion_tokens = event["usage"]["completion_tokens"]
 
 
 async def run_streamed(
@@ -151,17 +161,17 @@ async def run_streamed(
     """(wall seconds, results in request order); see the module docstring."""
     results: list[StreamResult | None] = [None] * len(prompts)
     todo = iter(range(len(prompts)))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    timeout = httpx.Timeout(600.0, connect=10.0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=600.0)
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(session: aiohttp.ClientSession) -> None:
         for i in todo:  # a shared iterator: each index is taken by exactly one worker
             body = completion_body(models[i], prompts[i], max_tokens, logprobs)
-            results[i] = await stream_one(client, i, body, headers)
+            results[i] = await stream_one(session, i, body, headers)
 
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=timeout) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
         t0 = time.perf_counter()
-        tasks = [asyncio.ensure_future(worker(client)) for _ in range(concurrency)]
+        tasks = [asyncio.ensure_future(worker(session)) for _ in range(concurrency)]
         try:
             await asyncio.gather(*tasks)
         finally:

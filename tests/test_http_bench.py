@@ -165,3 +165,66 @@ def test_percentile_and_cli_validation():
     proc = subprocess.run([sys.executable, "-m", "loadtests.http_bench", "--help"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0 and "--check-outputs" in proc.stdout
+
+
+def _sse_server(chunks: list[bytes]):
+    """An aiohttp app whose /v1/completions streams `chunks` as they are (any split)."""
+    from aiohttp import web
+
+    async def handler(request):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for c in chunks:
+            await resp.write(c)
+            await asyncio.sleep(0)
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", handler)
+    return app
+
+
+def _stream_against(chunks: list[bytes], logprobs: bool = False):
+    from aiohttp import web
+
+    async def go():
+        runner = web.AppRunner(_sse_server(chunks))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        try:
+            return await run_streamed(f"http://127.0.0.1:{port}", [[1, 2]], ["m"], 2, 1, logprobs)
+        finally:
+            await runner.cleanup()
+
+    return asyncio.run(go())
+
+
+def test_stream_parser_takes_events_split_anywhere():
+    events = [
+        {"choices": [{"text": "he", "logprobs": {"tokens": ["he"], "token_logprobs": [-0.5]}}]},
+        {"choices": [{"text": "llo", "finish_reason": "length",
+                      "logprobs": {"tokens": ["llo"], "token_logprobs": [-1.5]}}]},
+        {"choices": [], "usage": {"completion_tokens": 2}},
+    ]  # fmt: skip
+    body = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+    body += b"data: [DONE]\r\n\r\n"
+    for cut in ([], [7], [3, 40, 41, 90], list(range(1, len(body)))):  # byte-level splits too
+        edges = [0, *cut, len(body)]
+        _, (res,) = _stream_against(
+            [body[a:b] for a, b in zip(edges, edges[1:], strict=False)], logprobs=True
+        )
+        assert (res.text, res.completion_tokens, res.finish_reason) == ("hello", 2, "length")
+        assert res.tokens == ["he", "llo"] and res.token_logprobs == [-0.5, -1.5]
+        assert len(res.chunk_times) == 2
+
+
+def test_stream_parser_refuses_broken_streams():
+    usage = b'data: {"choices": [], "usage": {"completion_tokens": 1}}\n\n'
+    one = b'data: {"choices": [{"text": "a"}]}\n\n'
+    with pytest.raises(StreamError, match="without tokens, usage or"):
+        _stream_against([one, usage])  # no [DONE]
+    with pytest.raises(StreamError, match="error event"):
+        _stream_against([one, b'data: {"error": {"message": "boom"}}\n\n'])
