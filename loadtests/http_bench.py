@@ -164,8 +164,12 @@ def http_row(args, run: tuple[float, list, CpuMeter]) -> dict:
             **latency_summary(results)}  # fmt: skip
 
 
-def check_outputs(exe, args, setup, server, prompts, models, tmp) -> tuple[int, int]:
-    """(identical, total): HTTP (streamed, logprobs) against `loraplex generate`."""
+def check_outputs(exe, args, setup, server, prompts, models, tmp) -> tuple[int, int, int]:
+    """(identical, same tokens, total): HTTP (streamed, logprobs) against `loraplex generate`.
+    Identical: same tokens and text and every log-probability within 1e-3; same tokens: the
+    first two only. In bfloat16 the logits' own rounding step is ~1e-2 at typical magnitudes,
+    and the engine's bf16 GEMMs round differently at different batch sizes, so only the tokens
+    are expected to agree there (and even those can flip at near-ties)."""
     _, http = asyncio.run(run_streamed(server.url, prompts, models, args.output_len,
                                        args.concurrency, logprobs=True))  # fmt: skip
     src, dst = os.path.join(tmp, "gen-in.jsonl"), os.path.join(tmp, "gen-out.jsonl")
@@ -178,15 +182,13 @@ def check_outputs(exe, args, setup, server, prompts, models, tmp) -> tuple[int, 
     run_cli([exe, "--log-level", "WARNING", "generate", *engine_flags(setup),
              "--input", src, "--output", dst], "loraplex generate")  # fmt: skip
     offline = [json.loads(line) for line in Path(dst).read_text().splitlines()]
-    same = 0
+    same = same_tokens = 0
     for h, o in zip(http, offline, strict=True):
         lps = zip(h.token_logprobs, o["logprobs"], strict=False)
-        same += (
-            len(h.tokens) == len(o["token_ids"])
-            and h.text == (o["text"] or "")
-            and all(abs(a - b) <= 1e-3 for a, b in lps)
-        )
-    return same, len(http)
+        tokens = len(h.tokens) == len(o["token_ids"]) and h.text == (o["text"] or "")
+        same_tokens += tokens
+        same += tokens and all(abs(a - b) <= 1e-3 for a, b in lps)
+    return same, same_tokens, len(http)
 
 
 def _fmt(x, spec: str) -> str:
@@ -277,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if server.returncode != 0:
         print(f"warning: loraplex serve exited with status {server.returncode} on SIGTERM")
     if check is not None:
-        print(f"HTTP greedy outputs identical to the offline engine's: {check[0]}/{check[1]}")
+        print(f"HTTP greedy outputs identical to the offline engine's: {check[0]}/{check[2]} "
+              f"(same tokens and text: {check[1]}/{check[2]})")  # fmt: skip
     if args.json_out:
         out = {"setup": setup | {"workload_seed": args.seed}, "rows": table,
                "ratios": {k: v for k, v, _ in found}, "runs": all_runs,

@@ -69,7 +69,7 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     assert offline and http, out
     assert re.search(r"HTTP / offline: [\d.]+x  \(target >= 0.9x: (met|MISSED)\)", out)
     assert "HTTP / PEFT" not in out and "peft" not in out.split("system", 1)[1]
-    assert "identical to the offline engine's: 4/4" in out  # same greedy tokens over HTTP
+    assert "identical to the offline engine's: 4/4 (same tokens and text: 4/4)" in out
     data = json.loads(js.read_text())
     assert [(r["workload"], r["requests"], r["output_tokens"]) for r in data["rows"]] == [
         ("offline, 2 adapters (mixed)", 4, 16),
@@ -83,7 +83,7 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
     # the event loop reads its queue, and the server then sends it as one chunk (by design).
     assert (web["itl_p50"] is None or web["itl_p50"] > 0) and web["server_cpu"] > 0
     assert 0 <= web["server_loop_cpu"] <= web["server_cpu"]  # a thread of it (NaN fails)
-    assert data["outputs_identical"] == [4, 4]
+    assert data["outputs_identical"] == [4, 4, 4]  # identical, same tokens, total
     # --repeat 2: two offline and two HTTP runs, alternating; the table shows the fastest of each
     assert "2 offline and 2 HTTP runs, alternating" in out and "every run, in order" in out
     assert len(data["runs"]["offline_tok_per_s"]) == len(data["runs"]["http_tok_per_s"]) == 2
