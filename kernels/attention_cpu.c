@@ -99,32 +99,35 @@ ALWAYS_INLINE void prefetch_row(const char *p, int bytes) {
     for (int b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
 }
 
-/* One item: sequence s's kv heads [j0, j1) and their nh = (j1 - j0) * G query heads (query head
- * h of the item is head j0 * G + h of the row). s: nh * ctx float32 scratch. Keys and values
- * are read a slot row at a time (the item's heads are contiguous in it), the next page's row
- * prefetched. */
-ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v,
-                          int64_t page_stride, int64_t slot_stride, const int32_t *table,
-                          int ctx, int j0, int j1, int G, int D, int block_size, float scale,
-                          float *s, const int dt) {
-    const int nv = D / VL, nh = (j1 - j0) * G, esize = dt == 0 ? 4 : 2;
-    const int row_bytes = (j1 - j0) * D * esize, nblocks = (ctx + block_size - 1) / block_size;
-    vf qv[MAX_ITEM_HEADS][8], acc[MAX_ITEM_HEADS][8];
-    float lmax[MAX_ITEM_HEADS], sum[MAX_ITEM_HEADS];
-    for (int h = 0; h < nh; h++) {
-        lmax[h] = -INFINITY;
-        ld_head(q, (int64_t)(j0 * G + h) * D, D, qv[h], dt);
-    }
-    /* scores s[h * ctx + t] = scale * q_h . k_t (a key's load serves its G query heads) */
+/* Where an item's rows are: one sequence's block table, the cache strides, and the item's part
+ * of a slot row (kv heads from j0, row_bytes long). */
+typedef struct {
+    const int32_t *table;
+    int64_t page_stride, slot_stride;
+    int block_size, nblocks, j0, D, row_bytes;
+} rows_t;
+
+/* Offset of key t's row part in k or v; asks first for the same row part of the next page. */
+ALWAYS_INLINE int64_t row_at(const rows_t *r, const void *cache, int t, const int dt) {
+    const int b = t / r->block_size;
+    const int64_t row = (t % r->block_size) * r->slot_stride + (int64_t)r->j0 * r->D;
+    if (b + 1 < r->nblocks)
+        prefetch_row((const char *)at(cache, r->table[b + 1] * r->page_stride + row, dt),
+                     r->row_bytes);
+    return r->table[b] * r->page_stride + row;
+}
+
+/* s[h * ctx + t] = scale * q_h . k_t for the item's nh = nkv * G query heads (a key's load serves
+ * its G query heads); lmax[h] = the largest. */
+ALWAYS_INLINE void scores(const rows_t *r, const void *k, int ctx, int nkv, int G, float scale,
+                          vf qv[][8], float *s, float *lmax, const int dt) {
+    const int nv = r->D / VL;
+    for (int h = 0; h < nkv * G; h++) lmax[h] = -INFINITY;
     for (int t = 0; t < ctx; t++) {
-        const int b = t / block_size;
-        const int64_t row = (t % block_size) * slot_stride + (int64_t)j0 * D;
-        if (b + 1 < nblocks)
-            prefetch_row((const char *)at(k, table[b + 1] * page_stride + row, dt), row_bytes);
-        const int64_t off = table[b] * page_stride + row;
-        for (int jj = 0; jj < j1 - j0; jj++) {
+        const int64_t off = row_at(r, k, t, dt);
+        for (int jj = 0; jj < nkv; jj++) {
             vf kv[8];
-            ld_head(k, off + (int64_t)jj * D, D, kv, dt);
+            ld_head(k, off + (int64_t)jj * r->D, r->D, kv, dt);
             for (int g = 0; g < G; g++) {
                 const int h = jj * G + g;
                 vf d = qv[h][0] * kv[0];
@@ -135,49 +138,68 @@ ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v
             }
         }
     }
-    /* probabilities (unnormalized) and their sums */
-    for (int h = 0; h < nh; h++) {
-        float *sh = s + (int64_t)h * ctx;
-        vf tot = (vf){0};
-        int t = 0;
-        for (; t + VL <= ctx; t += VL) {
-            vf x;
-            memcpy(&x, sh + t, sizeof x);
-            x = exp_neg(x - lmax[h]);
-            memcpy(sh + t, &x, sizeof x);
-            tot += x;
-        }
-        if (t < ctx) { /* the tail; lanes past ctx are zeroed */
-            vf x = (vf){0} + lmax[h];
-            memcpy(&x, sh + t, (size_t)(ctx - t) * 4);
-            x = exp_neg(x - lmax[h]);
-            for (int i = ctx - t; i < VL; i++) x[i] = 0.f;
-            memcpy(sh + t, &x, (size_t)(ctx - t) * 4);
-            tot += x;
-        }
-        sum[h] = hsum(tot);
-        for (int c = 0; c < nv; c++) acc[h][c] = (vf){0};
+}
+
+/* s[t] := exp(s[t] - max) for t < ctx; returns their sum. */
+ALWAYS_INLINE float exp_row(float *s, int ctx, float max) {
+    vf tot = (vf){0};
+    int t = 0;
+    for (; t + VL <= ctx; t += VL) {
+        vf x;
+        memcpy(&x, s + t, sizeof x);
+        x = exp_neg(x - max);
+        memcpy(s + t, &x, sizeof x);
+        tot += x;
     }
-    /* out_h = sum_t p_ht v_t / sum_h */
+    if (t < ctx) { /* the tail; lanes past ctx are zeroed */
+        vf x = (vf){0} + max;
+        memcpy(&x, s + t, (size_t)(ctx - t) * 4);
+        x = exp_neg(x - max);
+        for (int i = ctx - t; i < VL; i++) x[i] = 0.f;
+        memcpy(s + t, &x, (size_t)(ctx - t) * 4);
+        tot += x;
+    }
+    return hsum(tot);
+}
+
+/* acc[h] = sum_t p[h * ctx + t] v_t for the item's query heads. */
+ALWAYS_INLINE void weigh_values(const rows_t *r, const void *v, int ctx, int nkv, int G,
+                                const float *p, vf acc[][8], const int dt) {
+    const int nv = r->D / VL;
+    for (int h = 0; h < nkv * G; h++)
+        for (int c = 0; c < nv; c++) acc[h][c] = (vf){0};
     for (int t = 0; t < ctx; t++) {
-        const int b = t / block_size;
-        const int64_t row = (t % block_size) * slot_stride + (int64_t)j0 * D;
-        if (b + 1 < nblocks)
-            prefetch_row((const char *)at(v, table[b + 1] * page_stride + row, dt), row_bytes);
-        const int64_t off = table[b] * page_stride + row;
-        for (int jj = 0; jj < j1 - j0; jj++) {
+        const int64_t off = row_at(r, v, t, dt);
+        for (int jj = 0; jj < nkv; jj++) {
             vf vv[8];
-            ld_head(v, off + (int64_t)jj * D, D, vv, dt);
+            ld_head(v, off + (int64_t)jj * r->D, r->D, vv, dt);
             for (int g = 0; g < G; g++) {
                 const int h = jj * G + g;
-                const float p = s[(int64_t)h * ctx + t];
-                for (int c = 0; c < nv; c++) acc[h][c] += p * vv[c];
+                const float w = p[(int64_t)h * ctx + t];
+                for (int c = 0; c < nv; c++) acc[h][c] += w * vv[c];
             }
         }
     }
+}
+
+/* One item: a sequence's kv heads [j0, j1) and their (j1 - j0) * G query heads (item head h is
+ * head j0 * G + h of the query and output rows). s: scratch for (j1 - j0) * G * ctx floats. */
+ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v,
+                          int64_t page_stride, int64_t slot_stride, const int32_t *table,
+                          int ctx, int j0, int j1, int G, int D, int block_size, float scale,
+                          float *s, const int dt) {
+    const int nkv = j1 - j0, nh = nkv * G;
+    const rows_t r = {table, page_stride, slot_stride, block_size,
+                      (ctx + block_size - 1) / block_size, j0, D, nkv * D * (dt == 0 ? 4 : 2)};
+    vf qv[MAX_ITEM_HEADS][8], acc[MAX_ITEM_HEADS][8];
+    float lmax[MAX_ITEM_HEADS], sum[MAX_ITEM_HEADS];
+    for (int h = 0; h < nh; h++) ld_head(q, (int64_t)(j0 * G + h) * D, D, qv[h], dt);
+    scores(&r, k, ctx, nkv, G, scale, qv, s, lmax, dt);
+    for (int h = 0; h < nh; h++) sum[h] = exp_row(s + (int64_t)h * ctx, ctx, lmax[h]);
+    weigh_values(&r, v, ctx, nkv, G, s, acc, dt);
     for (int h = 0; h < nh; h++) {
         const float inv = 1.0f / sum[h];
-        for (int c = 0; c < nv; c++) acc[h][c] *= inv;
+        for (int c = 0; c < D / VL; c++) acc[h][c] *= inv;
         st_head(out, (int64_t)(j0 * G + h) * D, D, acc[h], dt);
     }
 }
