@@ -139,3 +139,22 @@ def test_refuses_what_it_cannot_read():
     assert "head_dim 256" in decode_kernel_refusal(8, 2, 256, torch.bfloat16)
     assert "float16" in decode_kernel_refusal(8, 2, 64, torch.float16)
     assert "32 query heads over 1" in decode_kernel_refusal(32, 1, 64, torch.float32)
+
+
+def test_engine_falls_back_for_heads_the_kernel_does_not_handle(tmp_path, caplog):
+    """head_dim 8: auto uses the torch path with a warning naming why; an explicit "cpu" is an
+    error. The supported tiny model gets the kernel."""
+    import logging
+
+    from fixtures import make_tiny_model
+
+    from engine.llm import LLM
+
+    model = make_tiny_model(tmp_path / "m", hidden_size=32, num_heads=4, num_kv_heads=2)
+    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+        llm = LLM(model, pool_bytes=2 << 20)
+    assert llm.engine.backends["attention"] == "torch"
+    assert "torch attention path" in caplog.text and "head_dim 8" in caplog.text
+    assert len(llm.generate([[1, 2, 3]])[0].token_ids) > 0
+    with pytest.raises(RuntimeError, match="attention_backend 'cpu'.*head_dim 8"):
+        LLM(model, pool_bytes=2 << 20, attention_backend="cpu")
