@@ -111,7 +111,14 @@ def build_attention_meta(
     slot_pages, slot_offsets = [], []
     starts = []
     row = 0
-    for q_len, ctx, table in zip(query_lens, context_lens, block_tables, strict=True):
+    for i, (q_len, ctx, table) in enumerate(
+        zip(query_lens, context_lens, block_tables, strict=True)
+    ):
+        if not 1 <= q_len <= ctx <= len(table) * block_size:  # kernels reading pages trust these
+            raise ValueError(
+                f"sequence {i}: {q_len} queries, context of {ctx} keys, block table of "
+                f"{len(table)} pages of {block_size}"
+            )
         starts.append(row)
         row += q_len
         for pos in range(ctx - q_len, ctx):

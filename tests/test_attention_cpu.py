@@ -134,6 +134,10 @@ def test_refuses_what_it_cannot_read():
         paged_attention_cpu(q[:1], k_cache, v_cache, meta, 0.1)  # a query row past q
     with pytest.raises(ValueError, match="decode_tables are for the CPU kernel"):
         paged_attention(q, k_cache, v_cache, meta, 0.1)
+    # a table too short for the context, no keys, more queries than keys
+    for q_len, ctx, table in ((1, 9, [3, 4]), (1, 0, [3]), (3, 2, [3])):
+        with pytest.raises(ValueError, match=f"{q_len} queries, context of {ctx} keys, block"):
+            build_attention_meta([q_len], [ctx], [table], 4, "cpu", decode_tables=True)
     assert decode_kernel_refusal(8, 2, 64, torch.float32) is None
     assert "head_dim 8" in decode_kernel_refusal(8, 2, 8, torch.float32)
     assert "head_dim 256" in decode_kernel_refusal(8, 2, 256, torch.bfloat16)
