@@ -204,7 +204,7 @@ ALWAYS_INLINE void attend(const void *q, void *out, const void *k, const void *v
     }
 }
 
-static __thread kept_t score_block; /* a thread's scores, G * ctx floats */
+static __thread kept_t score_block; /* a thread's scores: an item's query heads x ctx floats */
 
 ALWAYS_INLINE int decode_attention(const void *q, int64_t ldq, void *out, int64_t ldo,
                                    const void *k, const void *v, int64_t page_stride,
