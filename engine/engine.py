@@ -48,7 +48,7 @@ def _cpu_backend(config: EngineConfig, name: str, spec: ModelSpec) -> str:
     backend = config.backend(name)
     if backend != "cpu":
         return backend
-    from kernels.lora_cpu import call_entry_available, cpu_kernel_error
+    from kernels.cpu_build import call_entry_available, cpu_kernel_error
 
     error = cpu_kernel_error()
     if error is None and name == "attention":
