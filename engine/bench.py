@@ -187,14 +187,27 @@ def _cpu_model() -> str:
     return names[0] if names else "unknown cpu"
 
 
-def _num_params(model_dir: str) -> int:
+def _numels(files) -> dict[str, int]:
+    """{tensor name: element count} over safetensors files (shapes only, nothing loaded)."""
     from safetensors import safe_open
 
-    n = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
+    out = {}
+    for f in files:
         with safe_open(str(f), "pt") as st:
-            n += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    return n
+            out |= {k: math.prod(st.get_slice(k).get_shape()) for k in st.keys()}
+    return out
+
+
+def _weights(model_dir: str, adapters: dict[str, str]) -> tuple[int, int, int]:
+    """(parameters, base weights a decode step reads, adapter weights) in elements. A step
+    reads every base weight but the embedding table, of which it gathers a few rows (with tied
+    embeddings that table is the LM head too, so it counts); each adapter in the batch counts
+    whole (the bench's batches hold every adapter)."""
+    base = _numels(sorted(Path(model_dir).glob("*.safetensors")))
+    total = sum(base.values())
+    read = total - (base["model.embed_tokens.weight"] if "lm_head.weight" in base else 0)
+    files = [Path(d) / "adapter_model.safetensors" for d in adapters.values()]
+    return total, read, sum(sum(_numels([f]).values()) for f in files)  # same names in each
 
 
 def throughput(args: argparse.Namespace) -> int:
@@ -229,8 +242,13 @@ def throughput(args: argparse.Namespace) -> int:
                                   max_num_seqs=args.concurrency, pool_bytes=pool_bytes)  # fmt: skip
         workload = f"{len(names)} adapter{'s' * (len(names) > 1)} (mixed)" if names else BASE
         machine = f"{_cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}"
-        print(f"model: {model_dir} ({_num_params(model_dir) / 1e6:.1f}M params, {args.dtype})")
+        params, base_read, lora_read = _weights(model_dir, adapters)
+        print(f"model: {model_dir} ({params / 1e6:.1f}M params, {args.dtype})")
         print(f"adapters: {', '.join(names) or 'none'}")
+        if names:  # what the mixed / base ratio is up against where a step is memory-bound
+            mb, share = (base_read * elem / 1e6, lora_read * elem / 1e6), lora_read / base_read
+            print(f"weights a decode step reads: base {mb[0]:.1f} MB, the adapters {mb[1]:.1f} "
+                  f"MB more (+{share:.0%})")  # fmt: skip
         print(f"workload: {args.num_requests} requests x {args.prompt_len} prompt + "
               f"{args.output_len} output tokens, concurrency {args.concurrency}")  # fmt: skip
         print(f"machine: {machine}, torch threads {torch.get_num_threads()}", flush=True)
@@ -259,6 +277,7 @@ def throughput(args: argparse.Namespace) -> int:
         setup = {k: v for k, v in vars(args).items() if k != "func"}
         setup |= dataclasses.asdict(cfg) | {"adapters": adapters, "machine": machine}
         setup["threads"] = torch.get_num_threads()
+        setup["step_weight_bytes"] = {"base": base_read * elem, "adapters": lora_read * elem}
         setup["backends"] = backends
         rows_out = [dataclasses.asdict(r) | {"req_per_s": r.req_per_s, "tok_per_s": r.tok_per_s}
                     for r in rows]  # fmt: skip

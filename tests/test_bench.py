@@ -11,6 +11,7 @@ import pytest
 
 from engine.bench_report import Row, format_table, measure_side_by_side
 from engine.cli import main
+from engine.loader import load_model_spec
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,17 @@ def test_bench_mixed_and_base_rows(tiny_model, tmp_path, capsys, monkeypatch):
     assert data["setup"]["max_num_seqs"] == 2  # concurrency drives our engine
     assert data["setup"]["backends"] == {"lora": "cpu", "attention": "cpu"}
     assert sorted(data["setup"]["adapters"]) == ["bench-0-r4", "bench-1-r8"]
+    # float32 bytes a decode step reads: all base weights but the (untied) embedding table;
+    # both adapters on all seven modules (per rank and layer: in + out of each module)
+    vocab = load_model_spec(tiny_model).vocab_size
+    layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64  # q, o; k, v; mlp; two norms
+    base = 4 * (2 * layer + 64 + vocab * 64)  # + final norm + lm_head
+    lora = 4 * (4 + 8) * 2 * (128 + 96 + 96 + 128 + 192 * 3)
+    assert data["setup"]["step_weight_bytes"] == {"base": base, "adapters": lora}
+    assert (
+        f"base {base / 1e6:.1f} MB, the adapters {lora / 1e6:.1f} MB more (+{lora / base:.0%})"
+        in out
+    )
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
