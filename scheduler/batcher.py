@@ -4,11 +4,11 @@ Each `schedule()` builds one step: running sequences first (decodes, then unfini
 chunks), then waiting requests admitted FCFS within the token budget and `max_num_seqs`.
 Admission charges the unified pool for the chunk's KV pages plus the adapter's pages when it is
 not resident; idle adapters are evicted (LRU) to make room. A request that cannot be admitted now
-is skipped, not waited on, except when the oldest waiting request is older than
-`starvation_steps`: then nothing younger is admitted until it is (a bounded wait for a cold
-adapter under a hot-adapter flood). When a running sequence cannot get a KV page, the newest
-other running sequence is preempted by recompute (its pages freed, it goes back to the head of
-the queue). Requests that could never fit are refused in `add`, so the loop cannot deadlock.
+is skipped, not waited on, unless it is older than `starvation_steps`: then nothing younger is
+admitted until it is (a bounded wait for a cold adapter under a hot-adapter flood). When a
+running sequence cannot get a KV page, the newest other running sequence is preempted by
+recompute (its pages freed, it goes back to the head of the queue). Requests that could never
+fit are refused in `add`, so the loop cannot deadlock.
 """
 
 from __future__ import annotations
@@ -144,9 +144,11 @@ class Batcher:
         return True
 
     def _admit(self, budget: int, items, scheduled: set[int], loaded: list[int]) -> int:
-        starving = (
-            self.waiting and self.step_no - self.waiting[0].arrival_step > self.cfg.starvation_steps
-        )
+        """Admit waiting requests in arrival order while the token budget and max_num_seqs
+        allow. One whose pages (KV chunk + adapter) cannot be had now is skipped, unless it has
+        waited more than starvation_steps: then admission stops at it, so nothing younger takes
+        the pages it waits for. Every request that fits is admitted, starving or not (a backlog
+        of old requests is admitted as fast as a fresh one)."""
         # Look at the first max_scan requests only: Python work per step stays bounded however
         # long the queue is (a copy, since admitted requests leave the deque meanwhile).
         for seq in list(itertools.islice(self.waiting, self.cfg.max_scan)):
@@ -158,8 +160,8 @@ class Batcher:
                 self.store.pages_to_acquire(uid) if uid is not None else 0
             )
             if self.pool.num_free + self.store.evictable_pages(exclude=uid) < need:
-                if starving:
-                    break  # hold admission for the oldest request
+                if self.step_no - seq.arrival_step > self.cfg.starvation_steps:
+                    break  # hold admission for it (the queue is in arrival order)
                 continue
             ok = self.store.make_room(need, exclude=uid)
             assert ok, "make_room failed although enough pages were evictable"
@@ -174,8 +176,6 @@ class Batcher:
             items.append(ScheduledSeq(seq, 0, n))
             scheduled.add(seq.seq_id)
             budget -= n
-            if starving:
-                break  # the starving request got in; the rest wait for the next step
         return budget
 
     def _preempt(self, seq: Sequence) -> None:

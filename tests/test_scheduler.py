@@ -134,7 +134,7 @@ def _hot_flood_with_cold(fx, starvation_steps: int, hot_tokens: int, per_step: i
     """80 pages of 16 tokens: the cold adapter (r64_all, 70 pages) only fits once the hot
     requests (r1_qv, 16-token prompts, 2 to 3 pages each) leave room. `per_step` hot requests
     arrive every step; the cold one arrives at step 3. Returns (steps the cold one waited or
-    None, younger requests admitted while it was starving)."""
+    None, younger requests admitted in steps that left it starving)."""
     e = _engine(
         fx, ["r1_qv", "r64_all"], pool_bytes=80 * PAGE_BYTES_B16, starvation_steps=starvation_steps
     )
@@ -149,7 +149,10 @@ def _hot_flood_with_cold(fx, starvation_steps: int, hot_tokens: int, per_step: i
         e.step()
         e.check_integrity()
         if cold is not None:
-            if e.batcher.step_no - cold.arrival_step > starvation_steps:
+            # Younger requests may join in the step that admits the cold one (after it, in
+            # arrival order), never in a step that leaves it starving.
+            starving = e.batcher.step_no - cold.arrival_step > starvation_steps
+            if starving and cold.status is SequenceStatus.WAITING:
                 younger_admitted += [
                     it.seq.request_id
                     for it in log[-1][0].items
@@ -175,6 +178,20 @@ def test_starvation_guard_holds_while_running_requests_are_preempted(tiny_llama)
     waited, younger = _hot_flood_with_cold(tiny_llama, 16, hot_tokens=30, per_step=3, steps=100)
     assert younger == []
     assert waited is not None and waited <= 16 + 30 + 2, waited
+
+
+def test_backlog_older_than_starvation_steps_is_admitted_in_full_steps(tiny_llama):
+    """All requests submitted at once: once they have waited past starvation_steps, every one
+    that fits is still admitted in the same step (the guard holds back younger requests only
+    for one that does not fit), so each wave fills max_num_seqs in one step."""
+    e = _engine(tiny_llama, ["r4_attn"], max_num_seqs=4, starvation_steps=1)
+    log = _record(e)
+    reqs = _reqs(12, [None, "r4_attn"], lambda i: 6, lambda i: 3)
+    seqs = [e.add_request(f"r{i}", *r) for i, r in enumerate(reqs)]
+    _drain(e)
+    admitted = [sum(it.start == 0 for it in b.items) for b, _ in log if b is not None]
+    assert admitted == [4, 0, 0, 4, 0, 0, 4, 0, 0]
+    assert [s.output_token_ids for s in seqs] == _reference(tiny_llama, reqs)
 
 
 def test_abort_of_waiting_and_running_requests_frees_everything(tiny_llama):
