@@ -30,7 +30,8 @@ class EngineConfig:
         torch). The engine falls back from auto's "cpu" to "torch", with a warning, only when
         the kernel cannot be built here (no C compiler).
     attention_backend: "torch", "triton", "cpu" (decode queries through the C kernel of
-        kernels/attention_cpu.py, prefill chunks through torch: CPU, float32 or bfloat16), or
+        kernels/attention_cpu.py, prefill chunks through torch; RMSNorm and rotary through
+        kernels/norm_rope_cpu.py: CPU, float32 or bfloat16), or
         "auto" (triton on CUDA, cpu on the CPU where its dtype allows, else torch; falls back
         to torch, with a warning, when the kernel cannot be built or the model's attention
         shape is not one it handles).

@@ -18,6 +18,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(dtype)
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
+    """h += delta in place (the residual stream: the same numbers as `h = h + delta`), then
+    rms_norm(h)."""
+    h += delta
+    return rms_norm(h, weight, eps)
+
+
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
     """inv_freq [head_dim/2] (float32) and the attention factor multiplying cos/sin.
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engine.layers import Rotary, apply_rotary, rms_norm
+from engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
 from engine.loader import ModelSpec, module_path
 from kernels.attention import AttentionMeta, paged_attention, write_kv
 from kernels.linear import Linear
@@ -110,41 +110,55 @@ class Model:
             from kernels.lora_cpu import lora_apply_cpu
 
             self.lora_apply = lora_apply_cpu
+        # rope: None = the torch path (new q, k); else rotates q and k in place in the qkv rows
+        self.rms_norm, self.add_rms_norm, self.rope = rms_norm, add_rms_norm, None
         if attention_backend == "triton":
             from kernels.attention_triton import paged_attention_triton, write_kv_triton
 
             self.write_kv, self.attention = write_kv_triton, paged_attention_triton
         elif attention_backend == "cpu":
+            # The CPU backend also takes RMSNorm and rotary: their torch ops cost more in op
+            # overheads than in arithmetic at decode sizes (kernels/norm_rope_cpu.c).
             from kernels.attention_cpu import paged_attention_cpu
+            from kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu
 
             self.attention = paged_attention_cpu
+            self.rms_norm, self.add_rms_norm, self.rope = rms_norm_cpu, add_rms_norm_cpu, rotary_cpu
 
     @torch.inference_mode()
     def forward(self, meta: ForwardMeta) -> torch.Tensor:
         """Run all layers for the batch's T tokens; return logits [S, vocab] (float32) of the
         sampled rows. Writes the new tokens' K/V into their pages."""
-        spec = self.spec
+        spec, eps, layers = self.spec, self.spec.rms_norm_eps, self.layers
         q_dim, kv_dim, inter = spec.num_heads * spec.head_dim, spec.kv_dim, spec.intermediate_size
         lora = meta.lora if meta.lora.has_lora else None
-        cos, sin = self.rotary.tables(meta.positions)
-        h = self.embed[meta.input_ids]  # [T, hidden]
-        for i, w in enumerate(self.layers):
-            x = rms_norm(h, w.input_norm, spec.rms_norm_eps)
+        if self.rope is None:
+            cos, sin = self.rotary.tables(meta.positions)
+        elif len(meta.positions) and int(meta.positions.max()) >= self.rotary.cos.shape[0]:
+            raise ValueError(f"positions beyond the {self.rotary.cos.shape[0]} rotary rows")
+        h = self.embed[meta.input_ids]  # [T, hidden]: the residual stream, updated in place
+        x = self.rms_norm(h, layers[0].input_norm, eps)
+        for i, w in enumerate(layers):
             qkv = w.qkv(x)  # [T, q_dim + 2 kv_dim]
             if lora:
                 self.lora_apply(x, qkv, i, "qkv", lora)
             q = qkv[:, :q_dim].view(-1, spec.num_heads, spec.head_dim)
             k = qkv[:, q_dim : q_dim + kv_dim].view(-1, spec.num_kv_heads, spec.head_dim)
             v = qkv[:, q_dim + kv_dim :].view(-1, spec.num_kv_heads, spec.head_dim)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if self.rope is None:
+                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            else:  # q and k lead each qkv row: rotated in place
+                heads = spec.num_heads + spec.num_kv_heads
+                self.rope(
+                    qkv, meta.positions, self.rotary.cos, self.rotary.sin, heads, spec.head_dim
+                )
             self.write_kv(self.k_caches[i], self.v_caches[i], k, v, meta.attn)
             o = self.attention(q, self.k_caches[i], self.v_caches[i], meta.attn, self.scale)
             o = o.reshape(-1, q_dim)
             attn_out = w.o(o)
             if lora:
                 self.lora_apply(o, attn_out, i, "o", lora)
-            h = h + attn_out
-            x = rms_norm(h, w.post_norm, spec.rms_norm_eps)
+            x = self.add_rms_norm(h, attn_out, w.post_norm, eps)  # h += attn_out
             gu = w.gate_up(x)  # [T, 2 inter]
             if lora:
                 self.lora_apply(x, gu, i, "gate_up", lora)
@@ -152,6 +166,9 @@ class Model:
             mlp_out = w.down(a)
             if lora:
                 self.lora_apply(a, mlp_out, i, "down", lora)
-            h = h + mlp_out
-        h = rms_norm(h[meta.sample_rows], self.norm, spec.rms_norm_eps)
+            if i + 1 < len(layers):
+                x = self.add_rms_norm(h, mlp_out, layers[i + 1].input_norm, eps)  # h += mlp_out
+            else:
+                h += mlp_out
+        h = self.rms_norm(h[meta.sample_rows], self.norm, eps)
         return self.lm_head(h).float()

@@ -1,7 +1,8 @@
-"""Building and loading the CPU kernels: LoRA (kernels/lora_cpu.c) and paged decode attention
-(kernels/attention_cpu.c), one library, and the LoRA kernel's CPython call entry
-(kernels/lora_call.c). kernels/lora_cpu.py and kernels/attention_cpu.py build the per-step inputs
-and make the calls.
+"""Building and loading the CPU kernels: LoRA (kernels/lora_cpu.c), paged decode attention
+(kernels/attention_cpu.c) and RMSNorm / rotary (kernels/norm_rope_cpu.c), one library, and the
+LoRA kernel's CPython call entry (kernels/lora_call.c). kernels/lora_cpu.py,
+kernels/attention_cpu.py and kernels/norm_rope_cpu.py build the per-step inputs and make the
+calls.
 
 The library is compiled once per source/compiler/CPU with the system C compiler (`$CC`, else
 `cc`) into `<cache>/kernels/` ($LORAPLEX_CACHE, else ~/.cache/loraplex), atomically.
@@ -32,7 +33,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("lora_cpu.c", "attention_cpu.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("lora_cpu.c", "attention_cpu.c", "norm_rope_cpu.c")
+)
 # included by SOURCES: part of the build key
 HEADERS = tuple(Path(__file__).with_name(n) for n in ("cpu_common.h", "lora_vec.h", "lora_amx.h"))
 CALL_SOURCE = Path(__file__).with_name("lora_call.c")  # the CPython entry; optional
@@ -132,6 +135,14 @@ def _load() -> ctypes.CDLL:
             ptr, i64, ptr, i64, ptr, ptr, i64, i64, ptr, i32, ptr, ptr, i32, i32, i32, i32, i32,
             ctypes.c_float, i32,
         ]  # fmt: skip
+    for dt in ("f32", "bf16"):
+        i64, i32, ptr = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
+        norm, rope = getattr(lib, f"rms_norm_{dt}"), getattr(lib, f"rotary_{dt}")
+        norm.restype = rope.restype = None
+        # h, ldh, d, ldd, w, out, ldo, rows, dim, eps, nthreads (norm_rope_cpu.c)
+        norm.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, i64, ctypes.c_float, i32]
+        # x, ldx, positions, cos, sin, rows, heads, D, nthreads
+        rope.argtypes = [ptr, i64, ptr, ptr, ptr, i64, i32, i32, i32]
     lib.lora_amx_init.restype = ctypes.c_int
     lib.lora_amx_init.argtypes = []
     return lib
