@@ -36,7 +36,7 @@ def _entry(name: str, tensors) -> object:
 
 
 def _norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    rows, dim = h.shape
+    rows, dim = h.shape if h.dim() == 2 else (0, -1)
     if weight.shape != (dim,) or (delta is not None and delta.shape != h.shape):
         raise ValueError(
             f"rms_norm: h {tuple(h.shape)}, weight {tuple(weight.shape)}"
@@ -84,6 +84,7 @@ def rotary_cpu(
         or head_dim % 2
         or positions.shape != (rows,)
         or positions.dtype is not torch.int64
+        or positions.device.type != "cpu"
         or cos.shape != sin.shape
         or cos.dim() != 2
         or cos.shape[1] != head_dim

@@ -108,6 +108,8 @@ def test_refusals_name_the_problem():
         rms_norm_cpu(h.half(), torch.ones(64).half(), 1e-5)
     with pytest.raises(ValueError, match="weight"):
         rms_norm_cpu(h, torch.ones(32), 1e-5)
+    with pytest.raises(ValueError, match=r"h \(2, 4, 64\)"):
+        rms_norm_cpu(torch.zeros(2, 4, 64), torch.ones(64), 1e-5)
     with pytest.raises(ValueError, match="delta"):
         add_rms_norm_cpu(h, torch.zeros(4, 32), torch.ones(64), 1e-5)
     with pytest.raises(ValueError, match="contiguous"):
