@@ -187,15 +187,12 @@ def _cpu_model() -> str:
     return names[0] if names else "unknown cpu"
 
 
-def _numels(files) -> dict[str, int]:
-    """{tensor name: element count} over safetensors files (shapes only, nothing loaded)."""
+def _numels(file: Path) -> dict[str, int]:
+    """{tensor name: element count} of one safetensors file (shapes only, nothing loaded)."""
     from safetensors import safe_open
 
-    out = {}
-    for f in files:
-        with safe_open(str(f), "pt") as st:
-            out |= {k: math.prod(st.get_slice(k).get_shape()) for k in st.keys()}
-    return out
+    with safe_open(str(file), "pt") as st:
+        return {k: math.prod(st.get_slice(k).get_shape()) for k in st.keys()}
 
 
 def _weights(model_dir: str, adapters: dict[str, str]) -> tuple[int, int, int]:
@@ -203,11 +200,15 @@ def _weights(model_dir: str, adapters: dict[str, str]) -> tuple[int, int, int]:
     reads every base weight but the embedding table, of which it gathers a few rows (with tied
     embeddings that table is the LM head too, so it counts); each adapter in the batch counts
     whole (the bench's batches hold every adapter)."""
-    base = _numels(sorted(Path(model_dir).glob("*.safetensors")))
+    base = {
+        k: n for f in sorted(Path(model_dir).glob("*.safetensors")) for k, n in _numels(f).items()
+    }
     total = sum(base.values())
     read = total - (base["model.embed_tokens.weight"] if "lm_head.weight" in base else 0)
-    files = [Path(d) / "adapter_model.safetensors" for d in adapters.values()]
-    return total, read, sum(sum(_numels([f]).values()) for f in files)  # same names in each
+    lora = sum(
+        sum(_numels(Path(d) / "adapter_model.safetensors").values()) for d in adapters.values()
+    )
+    return total, read, lora
 
 
 def throughput(args: argparse.Namespace) -> int:

@@ -92,9 +92,9 @@ static void rms_norm(void *h, int64_t ldh, const void *d, int64_t ldd, const voi
 
 /* One head of one token, in place: half = D / 2 elements per side. */
 ALWAYS_INLINE void rope_head(void *x, const void *c, const void *s, int64_t half, const int dt) {
-    char *x2p = (char *)x + half * (dt == 0 ? 4 : 2);
-    const char *c2 = (const char *)c + half * (dt == 0 ? 4 : 2);
-    const char *s2 = (const char *)s + half * (dt == 0 ? 4 : 2);
+    const int64_t off = half * (dt == 0 ? 4 : 2); /* bytes to the second half */
+    char *x2p = (char *)x + off;
+    const char *c2 = (const char *)c + off, *s2 = (const char *)s + off;
     int64_t i = 0;
     for (; i + 2 * VL <= half; i += 2 * VL) {
         vf x1a, x1b, x2a, x2b, ca, cb, sa, sb, c2a, c2b, s2a, s2b;
