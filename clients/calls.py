@@ -15,9 +15,13 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-
-from clients.errors import LoraplexConnectionError, LoraplexError, from_envelope, from_response
-from clients.types import (
+from loraplex.clients.errors import (
+    LoraplexConnectionError,
+    LoraplexError,
+    from_envelope,
+    from_response,
+)
+from loraplex.clients.types import (
     AdapterInfo,
     ChatCompletion,
     ChatCompletionChunk,

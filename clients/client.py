@@ -27,11 +27,10 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import httpx
-
-from clients import calls
-from clients.calls import Call, Message, Prompt, StreamReader
-from clients.errors import from_response
-from clients.types import (
+from loraplex.clients import calls
+from loraplex.clients.calls import Call, Message, Prompt, StreamReader
+from loraplex.clients.errors import LoraplexConnectionError, LoraplexError, from_response
+from loraplex.clients.types import (
     AdapterInfo,
     ChatCompletion,
     ChatCompletionChunk,
@@ -40,6 +39,16 @@ from clients.types import (
     Model,
     TenantUsage,
 )
+
+# The public names: the clients, their streams, and the errors they raise.
+__all__ = [
+    "AsyncLoraplexClient",
+    "AsyncStream",
+    "LoraplexClient",
+    "LoraplexConnectionError",
+    "LoraplexError",
+    "Stream",
+]
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT = 60.0

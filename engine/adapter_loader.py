@@ -16,9 +16,15 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from loraplex.engine.loader import (
+    _PICKLE_SUFFIXES,
+    MODULES,
+    ModelSpec,
+    _names,
+    _read_json,
+    module_path,
+)
 from safetensors import safe_open
-
-from engine.loader import _PICKLE_SUFFIXES, MODULES, ModelSpec, _names, _read_json, module_path
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,9 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
-from engine.loader import ModelSpec, load_adapter
-from kernels.lora import GroupViews, LoRALayout, blob_views, lora_layout, pack_blob
-from memory import AdapterStore
+from loraplex.engine.loader import ModelSpec, load_adapter
+from loraplex.kernels.lora import GroupViews, LoRALayout, blob_views, lora_layout, pack_blob
+from loraplex.memory.adapter_store import AdapterStore
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,14 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-from engine.bench_report import BASE, Row, format_table, measure, measure_side_by_side, ratios
+from loraplex.engine.bench_report import (
+    BASE,
+    Row,
+    format_table,
+    measure,
+    measure_side_by_side,
+    ratios,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +84,9 @@ def _atomic_build(target: Path, build) -> None:
 def _assets(args, ranks: list[int], tmp: str) -> tuple[str, dict[str, str]]:
     """(model_dir, {name: adapter_dir}): --model / --adapter if given, else the cached bench
     model; generated adapters target all seven modules, alpha = 2 * rank."""
-    from engine.cli import parse_adapters
-    from engine.demo import make_adapter, make_checkpoint
-    from engine.loader import load_model_spec
+    from loraplex.engine.cli import parse_adapters
+    from loraplex.engine.demo import make_adapter, make_checkpoint
+    from loraplex.engine.loader import load_model_spec
 
     model_dir, root = args.model, Path(tmp)
     if model_dir is None:
@@ -121,7 +127,7 @@ def _pool_bytes(args, spec, adapters: dict[str, str], elem: int) -> int:
 def ours(llm, prompts, adapters, args, workload: str) -> tuple:
     """(system, workload, run, warm) for `measure_side_by_side`: all requests submitted at
     once; the engine batches up to `concurrency` of them."""
-    from scheduler.sequence import SamplingParams
+    from loraplex.scheduler.sequence import SamplingParams
 
     alist = adapters or [None] * len(prompts)
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
@@ -213,9 +219,9 @@ def _weights(model_dir: str, adapters: dict[str, str]) -> tuple[int, int, int]:
 
 def throughput(args: argparse.Namespace) -> int:
     """Run the benchmark; print the setup, the table and the ratios. Returns 0."""
-    from engine.cli import engine_config
-    from engine.llm import LLM
-    from engine.loader import load_model_spec
+    from loraplex.engine.cli import engine_config
+    from loraplex.engine.llm import LLM
+    from loraplex.engine.loader import load_model_spec
 
     ranks = [int(r) for r in args.ranks.split(",") if r.strip()]
     for name in ("num_requests", "concurrency", "prompt_len", "output_len", "repeat"):

@@ -11,7 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-from engine.config import ATTENTION_BACKENDS, DTYPES, LORA_BACKENDS, EngineConfig
+from loraplex.engine.config import ATTENTION_BACKENDS, DTYPES, LORA_BACKENDS, EngineConfig
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -76,8 +76,8 @@ def parse_adapters(items: list[str]) -> dict[str, str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.llm import LLM
-    from scheduler.sequence import SamplingParams
+    from loraplex.engine.llm import LLM
+    from loraplex.scheduler.sequence import SamplingParams
 
     requests = []
     with open(args.input) as f:
@@ -145,7 +145,7 @@ def build_parser(
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     thr = bench_sub.add_parser("throughput", help="offline throughput, beside HF PEFT")
     add_engine_args(thr)
-    from engine import bench as bench_mod
+    from loraplex.engine import bench as bench_mod
 
     bench_mod.add_arguments(thr)
     thr.set_defaults(func=bench_mod.throughput)

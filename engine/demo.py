@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec, module_path
 from safetensors.torch import save_file
-
-from engine.loader import MODULES, ModelSpec, load_model_spec, module_path
 
 logger = logging.getLogger(__name__)
 

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
-from engine.config import EngineConfig
-from engine.loader import ModelSpec, load_checkpoint, load_model_spec
-from engine.model import Model
-from engine.runner import Runner
-from engine.sampler import Sampler
-from memory import AdapterStore, KVCacheManager, PagePool, check_all
-from scheduler.batcher import Batcher, SchedulerConfig
-from scheduler.sequence import FinishReason, SamplingParams, Sequence, StepOutput
+from loraplex.engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.loader import ModelSpec, load_checkpoint, load_model_spec
+from loraplex.engine.model import Model
+from loraplex.engine.runner import Runner
+from loraplex.engine.sampler import Sampler
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.integrity import check_all
+from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.memory.pool import PagePool
+from loraplex.scheduler.batcher import Batcher, SchedulerConfig
+from loraplex.scheduler.sequence import FinishReason, SamplingParams, Sequence, StepOutput
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +50,11 @@ def _cpu_backend(config: EngineConfig, name: str, spec: ModelSpec) -> str:
     backend = config.backend(name)
     if backend != "cpu":
         return backend
-    from kernels.cpu_build import call_entry_available, cpu_kernel_error
+    from loraplex.kernels.cpu_build import call_entry_available, cpu_kernel_error
 
     error = cpu_kernel_error()
     if error is None and name == "attention":
-        from kernels.attention_cpu import decode_kernel_refusal
+        from loraplex.kernels.attention_cpu import decode_kernel_refusal
 
         refusal = decode_kernel_refusal(
             spec.num_heads, spec.num_kv_heads, spec.head_dim, DTYPES[config.dtype]
@@ -88,7 +90,7 @@ class Engine:
         self.config = config
         model_dir = config.model
         if model_dir is None:
-            from engine.demo import ensure_demo
+            from loraplex.engine.demo import ensure_demo
 
             model_dir, demo_adapters = ensure_demo()
             adapters = {**demo_adapters, **(adapters or {})}

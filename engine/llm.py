@@ -5,9 +5,11 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, fields
 
-from engine.config import EngineConfig
-from engine.engine import Engine
-from scheduler.sequence import SamplingParams
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.scheduler.sequence import SamplingParams
+
+__all__ = ["LLM", "RequestOutput", "SamplingParams"]
 
 
 @dataclass

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from loraplex.kernels.lora import module_dims as lora_module_dims
 from safetensors import safe_open
-
-from kernels.lora import module_dims as lora_module_dims
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +287,7 @@ def load_checkpoint(
 
 
 # Adapter loading lives in its own module; re-exported for callers that import it from here.
-from engine.adapter_loader import AdapterError, AdapterWeights, load_adapter  # noqa: E402
+from loraplex.engine.adapter_loader import AdapterError, AdapterWeights, load_adapter  # noqa: E402
 
 __all__ = [
     "MODULES",

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
-from engine.loader import ModelSpec, module_path
-from kernels.attention import AttentionMeta, paged_attention, write_kv
-from kernels.linear import Linear
-from kernels.lora import LoRABatchMeta, lora_apply_torch
+from loraplex.engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
+from loraplex.engine.loader import ModelSpec, module_path
+from loraplex.kernels.attention import AttentionMeta, paged_attention, write_kv
+from loraplex.kernels.linear import Linear
+from loraplex.kernels.lora import LoRABatchMeta, lora_apply_torch
 
 
 @dataclass
@@ -103,24 +102,24 @@ class Model:
         # chosen (they need CUDA, or TRITON_INTERPRET=1 on the CPU).
         self.lora_apply, self.write_kv, self.attention = lora_apply_torch, write_kv, paged_attention
         if lora_backend == "triton":
-            from kernels.lora_triton import lora_apply_triton
+            from loraplex.kernels.lora_triton import lora_apply_triton
 
             self.lora_apply = lora_apply_triton
         elif lora_backend == "cpu":
-            from kernels.lora_cpu import lora_apply_cpu
+            from loraplex.kernels.lora_cpu import lora_apply_cpu
 
             self.lora_apply = lora_apply_cpu
         # rope: None = the torch path (new q, k); else rotates q and k in place in the qkv rows
         self.rms_norm, self.add_rms_norm, self.rope = rms_norm, add_rms_norm, None
         if attention_backend == "triton":
-            from kernels.attention_triton import paged_attention_triton, write_kv_triton
+            from loraplex.kernels.attention_triton import paged_attention_triton, write_kv_triton
 
             self.write_kv, self.attention = write_kv_triton, paged_attention_triton
         elif attention_backend == "cpu":
             # The CPU backend also takes RMSNorm and rotary: their torch ops cost more in op
             # overheads than in arithmetic at decode sizes (kernels/norm_rope_cpu.c).
-            from kernels.attention_cpu import paged_attention_cpu
-            from kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu
+            from loraplex.kernels.attention_cpu import paged_attention_cpu
+            from loraplex.kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu
 
             self.attention = paged_attention_cpu
             self.rms_norm, self.add_rms_norm, self.rope = rms_norm_cpu, add_rms_norm_cpu, rotary_cpu

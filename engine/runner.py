@@ -8,14 +8,13 @@ tensors; the model's layers only read it.
 from __future__ import annotations
 
 import torch
-
-from engine.adapters import AdapterRegistry
-from engine.model import ForwardMeta, Model
-from engine.sampler import SamplingBatch
-from kernels.attention import build_attention_meta, triton_q_tile
-from kernels.lora import LoRABatchMeta, LoRASegment, build_triton_lora_meta
-from kernels.lora_cpu import adapter_records, build_cpu_lora_meta
-from scheduler.sequence import ScheduledBatch
+from loraplex.engine.adapters import AdapterRegistry
+from loraplex.engine.model import ForwardMeta, Model
+from loraplex.engine.sampler import SamplingBatch
+from loraplex.kernels.attention import build_attention_meta, triton_q_tile
+from loraplex.kernels.lora import LoRABatchMeta, LoRASegment, build_triton_lora_meta
+from loraplex.kernels.lora_cpu import adapter_records, build_cpu_lora_meta
+from loraplex.scheduler.sequence import ScheduledBatch
 
 
 class Runner:

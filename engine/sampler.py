@@ -26,8 +26,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
-from scheduler.sequence import Sequence
+from loraplex.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 

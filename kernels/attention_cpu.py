@@ -13,9 +13,8 @@ metadata comes from `build_attention_meta(..., decode_tables=True)`.
 from __future__ import annotations
 
 import torch
-
-from kernels.attention import AttentionMeta, attend_groups
-from kernels.cpu_build import library
+from loraplex.kernels.attention import AttentionMeta, attend_groups
+from loraplex.kernels.cpu_build import library
 
 MAX_HEAD_DIM = 128  # attention_cpu.c holds a head in at most 8 vectors of 16 floats
 MAX_GROUP = 16  # query heads per KV head (attention_cpu.c)

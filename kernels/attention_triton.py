@@ -22,9 +22,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-
-from kernels.attention import AttentionMeta
-from kernels.triton_common import mma
+from loraplex.kernels.attention import AttentionMeta
+from loraplex.kernels.triton_common import mma
 
 BLOCK_N = 64  # keys per inner step
 TARGET_PROGRAMS = 264  # about two waves of an H100's SMs
@@ -239,7 +238,7 @@ def compile_all(capability: int = 90, dtypes: tuple[str, ...] = ("bf16", "fp16")
     """AOT-compile the attention kernels at their launch configurations for Llama-like shapes
     (head_dim 128, block 16; MHA and GQA; with and without KV splits) with no GPU present (run
     without TRITON_INTERPRET); returns name -> resource usage (see lora_triton.aot_compile)."""
-    from kernels.lora_triton import aot_compile
+    from loraplex.kernels.lora_triton import aot_compile
 
     usage = {}
     for dt in dtypes:

@@ -1,4 +1,4 @@
-"""GPU micro-benchmark of the Triton kernels: `python -m kernels.bench [--quick]`.
+"""GPU micro-benchmark of the Triton kernels: `python -m loraplex.kernels.bench [--quick]`.
 
 1. Device copy bandwidth (a 1 GiB device-to-device copy: bytes read + written per second).
 2. LoRA, one decoder layer of Llama-2-7B shapes (hidden 4096, intermediate 11008, 32 heads of
@@ -22,9 +22,8 @@ import sys
 from dataclasses import dataclass
 
 import torch
-
-from kernels.attention import build_attention_meta, paged_attention, triton_q_tile
-from kernels.lora import (
+from loraplex.kernels.attention import build_attention_meta, paged_attention, triton_q_tile
+from loraplex.kernels.lora import (
     GROUPS,
     LoRABatchMeta,
     LoRASegment,
@@ -201,7 +200,7 @@ def fmt_row(cells, widths) -> str:
 
 
 def run_lora(dtype, device, bw: float, quick: bool) -> None:
-    from kernels.lora_triton import lora_apply_triton
+    from loraplex.kernels.lora_triton import lora_apply_triton
 
     dims = module_dims(**{k: LLAMA2_7B[k] for k in ("hidden", "q_dim", "kv_dim", "inter")})
     widths = (5, 5, 10, 8, 6, 10, 10)
@@ -242,7 +241,7 @@ def run_lora(dtype, device, bw: float, quick: bool) -> None:
 
 
 def run_attention(dtype, device, bw: float, quick: bool) -> None:
-    from kernels.attention_triton import paged_attention_triton
+    from loraplex.kernels.attention_triton import paged_attention_triton
 
     heads, hd = LLAMA2_7B["heads"], LLAMA2_7B["head_dim"]
     widths = (5, 6, 10, 8, 6, 10)

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from kernels.lora_cpu import CpuLoRAMeta
-    from kernels.lora_meta import TritonLoRAMeta
+    from loraplex.kernels.lora_cpu import CpuLoRAMeta
+    from loraplex.kernels.lora_meta import TritonLoRAMeta
 
 # Module groups: modules of one group share their input, and their outputs are slices of one
 # fused base projection (qkv_proj = [q; k; v], gate_up_proj = [gate; up]).
@@ -228,7 +228,7 @@ def lora_reference(
 
 
 # The Triton path's metadata lives in kernels/lora_meta.py; re-exported for callers.
-from kernels.lora_meta import (  # noqa: E402
+from loraplex.kernels.lora_meta import (  # noqa: E402
     GROUP_INDEX,
     MAX_SLOTS,
     TritonLoRAMeta,

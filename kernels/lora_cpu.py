@@ -23,8 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from kernels.cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
+from loraplex.kernels.cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
     DTYPES,
     amx_available,
     call_entry_available,
@@ -32,7 +31,7 @@ from kernels.cpu_build import (  # noqa: F401  (re-exported: callers import them
     cpu_kernel_error,
     library,
 )
-from kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
+from loraplex.kernels.lora import GROUPS, GroupViews, LoRABatchMeta, LoRASegment, lora_apply_torch
 
 REC = 11  # int64 fields per (segment, layer, group) record; see lora_cpu.c
 MAX_MODULES = max(len(m) for m in GROUPS.values())

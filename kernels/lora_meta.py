@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from kernels.lora import GROUPS, LoRALayout
+from loraplex.kernels.lora import GROUPS, LoRALayout
 
 GROUP_INDEX = {name: i for i, name in enumerate(GROUPS)}
 MAX_SLOTS = max(len(mods) for mods in GROUPS.values())  # modules per group (q, k, v)

@@ -25,9 +25,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from kernels.lora import GROUP_INDEX, MAX_SLOTS, LoRABatchMeta
-from kernels.triton_common import mma
+from loraplex.kernels.lora import GROUP_INDEX, MAX_SLOTS, LoRABatchMeta
+from loraplex.kernels.triton_common import mma
 
 BLOCK_R = 16  # rank-block (shrink output columns / expand reduction step)
 BLOCK_K = 64  # shrink reduction step over the input features

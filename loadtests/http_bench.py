@@ -1,6 +1,6 @@
 """HTTP throughput: the offline benchmark's workload, streamed through `loraplex serve`.
 
-`python -m loadtests.http_bench [--num-requests 64 --concurrency 16 --num-adapters 8
+`python -m loraplex.loadtests.http_bench [--num-requests 64 --concurrency 16 --num-adapters 8
 --prompt-len 64 --output-len 64 --seed 0 --baseline {none,peft} --repeat N --warmup N
 --json-out FILE --port 0 --check-outputs --model DIR --adapter NAME=DIR ...]`
 
@@ -39,7 +39,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loadtests.workloads import (
+from loraplex.loadtests.workloads import (
     CpuMeter,
     ServerProcess,
     adapter_names,
@@ -59,7 +59,7 @@ ENGINE_FLAGS = ("dtype", "device", "pool_bytes", "block_size", "max_num_seqs",
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m loadtests.http_bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m loraplex.loadtests.http_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=16)

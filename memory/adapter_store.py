@@ -16,7 +16,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from .pool import IntegrityError, PagePool, PoolExhausted
+from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
 
 logger = logging.getLogger(__name__)
 

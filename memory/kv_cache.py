@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from .pool import IntegrityError, PagePool
+from loraplex.memory.pool import IntegrityError, PagePool
 
 logger = logging.getLogger(__name__)
 

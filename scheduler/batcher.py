@@ -18,8 +18,9 @@ import logging
 from collections import deque
 from dataclasses import dataclass
 
-from memory import AdapterStore, KVCacheManager
-from scheduler.sequence import (
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.scheduler.sequence import (
     FinishReason,
     ScheduledBatch,
     ScheduledSeq,

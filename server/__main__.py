@@ -1,7 +1,7 @@
-"""`python -m server ...` is `loraplex ...`."""
+"""`python -m loraplex.server ...` is `loraplex ...`."""
 
 import sys
 
-from server.cli import main
+from loraplex.server.cli import main
 
 sys.exit(main())

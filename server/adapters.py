@@ -24,12 +24,17 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-
-from server.async_engine import Unavailable
-from server.context import ServerContext, get_ctx
-from server.protocol import AdapterLoad, APIError, LoadLoraAdapter, UnloadLoraAdapter, parse
-from server.tenants import NAME_RE, AdapterEntry, Tenant
-from server.threads import await_in_fresh_thread
+from loraplex.server.async_engine import Unavailable
+from loraplex.server.context import ServerContext, get_ctx
+from loraplex.server.protocol import (
+    AdapterLoad,
+    APIError,
+    LoadLoraAdapter,
+    UnloadLoraAdapter,
+    parse,
+)
+from loraplex.server.tenants import NAME_RE, AdapterEntry, Tenant
+from loraplex.server.threads import await_in_fresh_thread
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

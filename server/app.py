@@ -16,16 +16,15 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from loraplex.server import adapters as adapter_routes
+from loraplex.server import openai_routes
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.context import ServerContext, get_ctx
+from loraplex.server.metrics import Metrics
+from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
+from loraplex.server.tenants import Tenants
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from server import adapters as adapter_routes
-from server import openai_routes
-from server.async_engine import AsyncEngine
-from server.context import ServerContext, get_ctx
-from server.metrics import Metrics
-from server.protocol import ERROR_TYPES, APIError, error_body
-from server.tenants import Tenants
 
 logger = logging.getLogger(__name__)
 DEMO_MODEL_ID = "loraplex-demo"

@@ -28,8 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.engine import EngineStats
-from scheduler.sequence import FinishReason, SamplingParams, StepOutput
+from loraplex.engine.engine import EngineStats
+from loraplex.scheduler.sequence import FinishReason, SamplingParams, StepOutput
 
 logger = logging.getLogger(__name__)
 

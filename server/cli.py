@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from engine import cli as engine_cli
+from loraplex.engine import cli as engine_cli
 
 logger = logging.getLogger(__name__)
 
@@ -47,11 +47,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
-
-    from engine.engine import Engine
-    from server.app import create_app
-    from server.tenants import Tenants
-    from server.threads import run_in_fresh_thread
+    from loraplex.engine.engine import Engine
+    from loraplex.server.app import create_app
+    from loraplex.server.tenants import Tenants
+    from loraplex.server.threads import run_in_fresh_thread
 
     tenants = Tenants.from_options(args.tenants, args.api_key)
 

@@ -10,12 +10,11 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
-
-from server.async_engine import AsyncEngine
-from server.detokenize import fast_decoder
-from server.metrics import Metrics
-from server.protocol import APIError
-from server.tenants import AdapterNamespace, Tenant, Tenants
+from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.detokenize import fast_decoder
+from loraplex.server.metrics import Metrics
+from loraplex.server.protocol import APIError
+from loraplex.server.tenants import AdapterNamespace, Tenant, Tenants
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from server.generation import Choice, Delta, Generation
+from loraplex.server.generation import Choice, Delta, Generation
 
 
 def sse(obj) -> str:

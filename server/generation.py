@@ -19,13 +19,13 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine.adapters import UnknownAdapterError
-from scheduler.sequence import SamplingParams
-from server.async_engine import QueueFull, Submission, Unavailable
-from server.context import ServerContext
-from server.detokenize import TextStream
-from server.protocol import APIError
-from server.tenants import Tenant
+from loraplex.engine.adapters import UnknownAdapterError
+from loraplex.scheduler.sequence import SamplingParams
+from loraplex.server.async_engine import QueueFull, Submission, Unavailable
+from loraplex.server.context import ServerContext
+from loraplex.server.detokenize import TextStream
+from loraplex.server.protocol import APIError
+from loraplex.server.tenants import Tenant
 
 _ABORTED = object()
 _seq = itertools.count()

@@ -12,17 +12,16 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-from server.context import ServerContext, get_ctx
-from server.formatting import SSE_DONE, ChatFormat, CompletionFormat, sse
-from server.generation import (
+from loraplex.server.context import ServerContext, get_ctx
+from loraplex.server.formatting import SSE_DONE, ChatFormat, CompletionFormat, sse
+from loraplex.server.generation import (
     ClientGone,
     Generation,
     build_params,
     run_until_done,
     watch_disconnect,
 )
-from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from loraplex.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 
 logger = logging.getLogger(__name__)
 router = APIRouter()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from memory import AdapterStore, KVCacheManager, PagePool
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.memory.pool import PagePool
 
 
 def make(num_pages: int = 16, block_size: int = 4):

@@ -38,8 +38,8 @@ PROMPT = "The harbor town woke early. Fishing boats left"
 @functools.cache
 def tiny_model() -> dict:
     """{"dir", "model", "root", "outside", "adapters": {name: dir}} (read-only)."""
-    from engine.demo import make_adapter, make_checkpoint
-    from engine.loader import load_model_spec
+    from loraplex.engine.demo import make_adapter, make_checkpoint
+    from loraplex.engine.loader import load_model_spec
 
     d = Path(tempfile.mkdtemp(prefix="loraplex-server-tests-"))
     atexit.register(shutil.rmtree, d, ignore_errors=True)
@@ -81,7 +81,7 @@ def engine_kwargs(**kw) -> dict:
 @functools.cache
 def reference_llm():
     """An offline `LLM` on the tiny model with adapters a, b, c (for exactness checks)."""
-    from engine.llm import LLM
+    from loraplex.engine.llm import LLM
 
     m = tiny_model()
     return LLM(m["model"], adapters=dict(m["adapters"]), **engine_kwargs())
@@ -89,7 +89,7 @@ def reference_llm():
 
 def reference(prompt, adapter: str | None, max_tokens: int, **params):
     """Greedy (unless told otherwise) reference output from the offline API."""
-    from scheduler.sequence import SamplingParams
+    from loraplex.scheduler.sequence import SamplingParams
 
     p = SamplingParams(max_tokens=max_tokens, temperature=params.pop("temperature", 0.0), **params)
     return reference_llm().generate([prompt], p, [adapter])[0]

@@ -3,14 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from loraplex.memory.integrity import check_all
+from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
 from memory_helpers import make, owners
-
-from memory import (
-    IntegrityError,
-    PagePool,
-    PoolExhausted,
-    check_all,
-)
 
 # -- AdapterStore -----------------------------------------------------------------------------
 

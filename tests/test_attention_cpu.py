@@ -8,10 +8,14 @@ import random
 
 import pytest
 import torch
-
-from kernels.attention import attention_reference, build_attention_meta, paged_attention, write_kv
-from kernels.attention_cpu import decode_kernel_refusal, paged_attention_cpu
-from kernels.cpu_build import cpu_kernel_error
+from loraplex.kernels.attention import (
+    attention_reference,
+    build_attention_meta,
+    paged_attention,
+    write_kv,
+)
+from loraplex.kernels.attention_cpu import decode_kernel_refusal, paged_attention_cpu
+from loraplex.kernels.cpu_build import cpu_kernel_error
 
 pytestmark = pytest.mark.skipif(cpu_kernel_error() is not None, reason="no C compiler")
 
@@ -151,11 +155,10 @@ def test_engine_falls_back_for_heads_the_kernel_does_not_handle(tmp_path, caplog
     import logging
 
     from fixtures import make_tiny_model
-
-    from engine.llm import LLM
+    from loraplex.engine.llm import LLM
 
     model = make_tiny_model(tmp_path / "m", hidden_size=32, num_heads=4, num_kv_heads=2)
-    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="loraplex.engine.engine"):
         llm = LLM(model, pool_bytes=2 << 20)
     assert llm.engine.backends["attention"] == "torch"
     assert "torch attention path" in caplog.text and "head_dim 8" in caplog.text

@@ -8,15 +8,14 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
-from engine.bench_report import Row, format_table, measure_side_by_side
-from engine.cli import main
-from engine.loader import load_model_spec
+from loraplex.engine.bench_report import Row, format_table, measure_side_by_side
+from loraplex.engine.cli import main
+from loraplex.engine.loader import load_model_spec
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from engine.demo import make_checkpoint
+    from loraplex.engine.demo import make_checkpoint
 
     d = tmp_path_factory.mktemp("bench") / "model"
     return make_checkpoint(

@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from loraplex.clients.calls import Call, StreamReader
+from loraplex.clients.client import (
+    AsyncLoraplexClient,
+    LoraplexClient,
+    LoraplexConnectionError,
+    LoraplexError,
+)
+from loraplex.clients.errors import from_response
+from loraplex.clients.types import ChatMessage, CompletionChunk
 from server_fixtures import (
     PROMPT,
     LiveServer,
@@ -21,17 +30,6 @@ from server_fixtures import (
     reference,
     tiny_model,
 )
-
-from clients import (
-    AsyncLoraplexClient,
-    ChatMessage,
-    LoraplexClient,
-    LoraplexConnectionError,
-    LoraplexError,
-)
-from clients.calls import Call, StreamReader
-from clients.errors import from_response
-from clients.types import CompletionChunk
 
 MODEL = "tiny"
 ROOT_KEY, ACME_KEY = "root-key", "acme-key"
@@ -42,10 +40,10 @@ CHAT = [ChatMessage("system", "Be brief."), {"role": "user", "content": "Hello"}
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from engine.config import EngineConfig
-    from engine.engine import Engine
-    from server.app import create_app
-    from server.tenants import Tenants
+    from loraplex.engine.config import EngineConfig
+    from loraplex.engine.engine import Engine
+    from loraplex.server.app import create_app
+    from loraplex.server.tenants import Tenants
 
     m = tiny_model()
     toml = tmp_path_factory.mktemp("tenants") / "tenants.toml"

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import logging
 
+import loraplex.kernels.cpu_build as cpu_build
 import pytest
-
-import kernels.cpu_build as cpu_build
-from engine import LLM
-from engine.config import EngineConfig
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm import LLM
 
 
 def test_config_resolves_and_validates_the_cpu_backend():
@@ -38,7 +37,7 @@ def test_without_a_compiler_auto_falls_back_and_cpu_fails(
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
     assert "no-such-cc" in cpu_build.cpu_kernel_error()
     assert list((tmp_path / "cache" / "kernels").iterdir()) == []  # no half-written library
-    with caplog.at_level(logging.WARNING, logger="engine.engine"):
+    with caplog.at_level(logging.WARNING, logger="loraplex.engine.engine"):
         llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=4 << 20)
     assert llm.engine.backends == {"lora": "torch", "attention": "torch"}
     assert "torch lora path" in caplog.text and "torch attention path" in caplog.text

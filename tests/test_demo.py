@@ -6,9 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from engine.demo import DEMO_ADAPTERS, ensure_demo
-from engine.loader import load_adapter, load_model_spec
+from loraplex.engine.demo import DEMO_ADAPTERS, ensure_demo
+from loraplex.engine.loader import load_adapter, load_model_spec
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -48,12 +47,12 @@ def test_demo_is_deterministic_atomic_and_loadable(tmp_path, monkeypatch):
 
 
 def test_demo_crash_leaves_nothing_behind(tmp_path, monkeypatch):
-    import engine.demo
+    import loraplex.engine.demo as demo_mod
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(engine.demo, "make_adapter", boom)
+    monkeypatch.setattr(demo_mod, "make_adapter", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         ensure_demo(str(tmp_path))
     assert list(tmp_path.iterdir()) == []  # neither a half-made demo-v1 nor a temp dir

@@ -1,4 +1,4 @@
-"""`python -m loadtests.http_bench` end to end on a minuscule checkpoint, and the pieces it
+"""`python -m loraplex.loadtests.http_bench` end to end on a minuscule checkpoint, and the pieces it
 relies on: the same prompts as `loraplex bench throughput`, a server that cannot start fails
 fast, HTTP errors surface, percentiles."""
 
@@ -13,9 +13,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
-from loadtests import http_bench
-from loadtests.workloads import (
+from loraplex.loadtests import http_bench
+from loraplex.loadtests.workloads import (
     ServerProcess,
     StreamError,
     StreamResult,
@@ -32,8 +31,8 @@ LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     """A 2-layer checkpoint (demo tokenizer, vocab 1323) and two adapters of ranks 4 and 8."""
-    from engine.demo import make_adapter, make_checkpoint
-    from engine.loader import load_model_spec
+    from loraplex.engine.demo import make_adapter, make_checkpoint
+    from loraplex.engine.loader import load_model_spec
 
     root = tmp_path_factory.mktemp("http-bench")
     model = make_checkpoint(
@@ -97,8 +96,8 @@ def test_end_to_end_on_tiny_model(tiny, tmp_path, capsys):
 
 def test_prompts_match_offline_bench(tiny, monkeypatch, tmp_path):
     """`bench_prompts` / `adapter_names` reproduce the offline bench's requests exactly."""
-    import engine.llm
-    from engine.cli import main
+    import loraplex.engine.llm as llm_mod
+    from loraplex.engine.cli import main
 
     seen = {}
 
@@ -111,7 +110,7 @@ def test_prompts_match_offline_bench(tiny, monkeypatch, tmp_path):
             n = params.max_tokens
             return [SimpleNamespace(token_ids=[5] * n) for _ in prompts]
 
-    monkeypatch.setattr(engine.llm, "LLM", FakeLLM)
+    monkeypatch.setattr(llm_mod, "LLM", FakeLLM)
     argv = ["bench", "throughput", "--model", tiny["model"], *_adapter_flags(tiny),
             "--num-adapters", "2", "--num-requests", "5", "--prompt-len", "7", "--output-len",
             "2", "--concurrency", "2", "--baseline", "none", "--no-also-base", "--seed", "3",
@@ -162,7 +161,7 @@ def test_percentile_and_cli_validation():
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 90) == pytest.approx(4.6)
     with pytest.raises(SystemExit, match="--adapter dirs"):
         http_bench.main(["--model", "/nowhere", "--num-adapters", "2"])
-    proc = subprocess.run([sys.executable, "-m", "loadtests.http_bench", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "loraplex.loadtests.http_bench", "--help"],
                           capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0 and "--check-outputs" in proc.stdout
 

@@ -13,9 +13,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from engine.llm import LLM
-from scheduler.sequence import SamplingParams
+from loraplex.engine.llm import LLM
+from loraplex.scheduler.sequence import SamplingParams
 
 LOGPROB_TOL = 1e-5
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)

@@ -6,14 +6,13 @@ import random
 
 import pytest
 import torch
-
-from kernels.attention import (
+from loraplex.kernels.attention import (
     attention_reference,
     build_attention_meta,
     paged_attention,
     write_kv,
 )
-from kernels.lora import (
+from loraplex.kernels.lora import (
     GROUPS,
     LoRABatchMeta,
     LoRASegment,

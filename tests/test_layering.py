@@ -1,16 +1,17 @@
-"""Import direction: server -> engine -> scheduler/memory/kernels, never back; every package
-resolves inside this repo (names like `kernels` or `memory` also exist on PyPI)."""
+"""Import direction: server -> engine -> scheduler/memory/kernels, never back. Every part is
+`loraplex.<part>` and resolves to its folder in this repo; no bare name of ours is imported."""
 
 from __future__ import annotations
 
 import ast
 import importlib
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("server", "engine", "scheduler", "memory", "kernels", "clients", "loadtests")
+PARTS = ("server", "engine", "scheduler", "memory", "kernels", "clients", "loadtests")
 ALLOWED = {
     "server": {"server", "engine", "scheduler", "memory", "kernels"},
     "engine": {"engine", "scheduler", "memory", "kernels"},
@@ -23,47 +24,79 @@ ALLOWED = {
 KERNEL_THIRD_PARTY = {"torch", "triton"}
 
 
-def _imports(path: Path) -> set[str]:
+def _imported_modules(path: Path) -> set[str]:
+    """Every absolute module name a file imports (`from a.b import c` gives `a.b`)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
+            names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative import stays inside the package
-                continue
-            names.add(node.module.split(".")[0])
+            assert node.level == 0, f"{path.relative_to(ROOT)}: relative import (use loraplex.*)"
+            names.add(node.module)
     return names
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_package_resolves_inside_repo(package):
-    mod = importlib.import_module(package)
-    assert Path(mod.__file__).resolve().parent == ROOT / package
+def _parts_used(path: Path) -> set[str]:
+    """The loraplex parts a file imports."""
+    used = set()
+    for name in _imported_modules(path):
+        top, _, rest = name.partition(".")
+        if top == "loraplex":
+            used.add(rest.split(".")[0])
+    return used
 
 
-@pytest.mark.parametrize("package", PACKAGES)
-def test_import_direction(package):
-    ours = set(PACKAGES)
-    for path in sorted((ROOT / package).rglob("*.py")):
-        used = _imports(path) & ours
-        bad = used - ALLOWED[package]
+def _sources(part: str) -> list[Path]:
+    return sorted((ROOT / part).rglob("*.py"))
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_part_resolves_to_its_folder(part):
+    mod = importlib.import_module(f"loraplex.{part}")
+    # an editable install adds a path-hook entry that is no folder; the folders are ours alone
+    folders = [Path(p).resolve() for p in mod.__path__ if Path(p).is_dir()]
+    assert folders == [ROOT / part]
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_part_has_no_init_file(part):
+    """An __init__.py would make `import kernels` from the repo root find our folder."""
+    assert not (ROOT / part / "__init__.py").exists()
+
+
+@pytest.mark.parametrize("part", PARTS)
+def test_import_direction(part):
+    for path in _sources(part):
+        bad = _parts_used(path) - ALLOWED[part]
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)} against the layering"
 
 
-def test_memory_imports_no_third_party():
-    import sys
+@pytest.mark.parametrize("part", PARTS)
+def test_no_bare_part_names(part):
+    """`import engine` or `from kernels.x import` would pick up someone else's package."""
+    for path in [*_sources(part), *sorted((ROOT / "tests").glob("*.py"))]:
+        bare = {n for n in _imported_modules(path) if n.split(".")[0] in PARTS}
+        assert not bare, f"{path.relative_to(ROOT)} imports {sorted(bare)} without `loraplex.`"
 
+
+def test_layering_check_catches_a_backward_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from loraplex.server.app import create_app\nimport loraplex.engine.llm\n")
+    assert _parts_used(bad) == {"server", "engine"}
+
+
+def test_memory_imports_no_third_party():
     stdlib = set(sys.stdlib_module_names)
-    for path in sorted((ROOT / "memory").rglob("*.py")):
-        extra = _imports(path) - stdlib - {"memory"}
+    for path in _sources("memory"):
+        tops = {n.split(".")[0] for n in _imported_modules(path)}
+        extra = tops - stdlib - {"loraplex"}
         assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}: memory takes ints"
 
 
 def test_kernels_import_only_torch_and_triton():
-    import sys
-
     stdlib = set(sys.stdlib_module_names)
-    for path in sorted((ROOT / "kernels").rglob("*.py")):
-        extra = _imports(path) - stdlib - KERNEL_THIRD_PARTY - {"kernels"}
+    for path in _sources("kernels"):
+        tops = {n.split(".")[0] for n in _imported_modules(path)}
+        extra = tops - stdlib - KERNEL_THIRD_PARTY - {"loraplex"}
         assert not extra, f"{path.relative_to(ROOT)} imports {sorted(extra)}"

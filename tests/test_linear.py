@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import loraplex.kernels.linear as linear
 import pytest
 import torch
 import torch.nn.functional as F
-
-import kernels.linear as linear
-from kernels.linear import Linear
+from loraplex.kernels.linear import Linear
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16, 70])

@@ -10,12 +10,11 @@ import random
 import shutil
 from dataclasses import replace
 
+import loraplex.kernels.cpu_build as cpu_build
 import pytest
 import torch
-
-import kernels.cpu_build as cpu_build
-from engine import LLM
-from kernels.lora import (
+from loraplex.engine.llm import LLM
+from loraplex.kernels.lora import (
     GROUPS,
     LoRABatchMeta,
     LoRASegment,
@@ -25,7 +24,7 @@ from kernels.lora import (
     module_dims,
     pack_blob,
 )
-from kernels.lora_cpu import (
+from loraplex.kernels.lora_cpu import (
     AMX_MAX_ROWS,
     AMX_ROWS,
     MAX_ROWS,
@@ -323,7 +322,7 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_p
     monkeypatch.setattr(cpu_build, "_FUNCS", {})
     monkeypatch.setenv("CC", str(wrapper))
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING, logger="kernels.cpu_build"):
+    with caplog.at_level(logging.WARNING, logger="loraplex.kernels.cpu_build"):
         assert cpu_build.cpu_kernel_error() is None
     assert "without OpenMP" in caplog.text
     gen = torch.Generator().manual_seed(13)
@@ -336,7 +335,7 @@ def test_a_compiler_without_openmp_builds_a_one_thread_kernel(monkeypatch, tmp_p
 def test_runner_reuses_the_step_meta_only_while_its_inputs_hold(tiny_llama):
     """Decode steps repeat the last step's segments, so the runner keeps that step's kernel meta;
     an adapter written again (other pages, or the same ones) must not reuse stale records."""
-    from scheduler.sequence import SamplingParams
+    from loraplex.scheduler.sequence import SamplingParams
 
     llm = LLM(tiny_llama["model_dir"], adapters=tiny_llama["adapters"], pool_bytes=8 << 20)
     eng = llm.engine

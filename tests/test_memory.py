@@ -5,14 +5,9 @@ from __future__ import annotations
 import time
 
 import pytest
+from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
 from memory_helpers import make, owners
-
-from memory import (
-    IntegrityError,
-    KVCacheManager,
-    PagePool,
-    PoolExhausted,
-)
 
 # -- PagePool ---------------------------------------------------------------------------------
 

@@ -6,13 +6,10 @@ from __future__ import annotations
 import random
 
 import pytest
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.integrity import check_all
+from loraplex.memory.pool import PoolExhausted
 from memory_helpers import make, owners
-
-from memory import (
-    AdapterStore,
-    PoolExhausted,
-    check_all,
-)
 
 # -- seeded random operations against a shadow model ------------------------------------------
 

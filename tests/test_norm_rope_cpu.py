@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
-from kernels.cpu_build import cpu_kernel_error
-from kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu
+from loraplex.engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
+from loraplex.kernels.cpu_build import cpu_kernel_error
+from loraplex.kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu
 
 pytestmark = pytest.mark.skipif(cpu_kernel_error() is not None, reason="no C kernels here")
 DTYPES = [torch.float32, torch.bfloat16]

@@ -16,9 +16,8 @@ import functools
 import pytest
 import torch
 from fixtures import hf_reference_greedy
-
-from engine.llm import LLM
-from scheduler.sequence import SamplingParams
+from loraplex.engine.llm import LLM
+from loraplex.scheduler.sequence import SamplingParams
 
 LOGPROB_TOL = 1e-4
 MAX_TOKENS = 12

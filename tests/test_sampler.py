@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.sampler import Sampler, SamplingBatch, row_seed
-from scheduler.sequence import SamplingParams, Sequence
+from loraplex.engine.sampler import Sampler, SamplingBatch, row_seed
+from loraplex.scheduler.sequence import SamplingParams, Sequence
 
 
 def make_batch(

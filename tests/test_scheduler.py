@@ -15,12 +15,11 @@ import random
 
 import pytest
 import torch
-
-from engine.adapters import UnknownAdapterError
-from engine.config import EngineConfig
-from engine.engine import Engine
-from engine.llm import LLM
-from scheduler.sequence import FinishReason, SamplingParams, SequenceStatus
+from loraplex.engine.adapters import UnknownAdapterError
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.engine.llm import LLM
+from loraplex.scheduler.sequence import FinishReason, SamplingParams, SequenceStatus
 
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 PAGE_BYTES_B4 = 2 * 2 * 4 * 32 * 4  # layers * (K, V) * block_size 4 * kv_dim * float32

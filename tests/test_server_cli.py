@@ -12,9 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+from loraplex.server.cli import build_parser
 from server_fixtures import tiny_model
-
-from server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,8 +39,8 @@ def test_serve_process_sigterm_drains(tmp_path):
     port = _free_port()
     log = open(tmp_path / "log.txt", "w+")
     cmd = [
-        sys.executable, "-m", "server", "serve", "--model", m["model"], "--port", str(port),
-        "--adapter", f"a={m['adapters']['a']}", "--pool-bytes", str(16 << 20),
+        sys.executable, "-m", "loraplex.server", "serve", "--model", m["model"],
+        "--port", str(port), "--adapter", f"a={m['adapters']['a']}", "--pool-bytes", str(16 << 20),
         "--max-model-len", "1024", "--api-key", "k",
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -84,7 +83,7 @@ def test_serve_refuses_bad_options(tmp_path):
     bad = tmp_path / "t.toml"
     bad.write_text("[[tenants]]\nname = 'x'\n")
     out = subprocess.run(
-        [sys.executable, "-m", "server", "serve", "--tenants", str(bad)],
+        [sys.executable, "-m", "loraplex.server", "serve", "--tenants", str(bad)],
         cwd=ROOT, capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2 and "api_keys" in out.stderr

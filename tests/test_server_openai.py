@@ -12,6 +12,9 @@ import time
 import httpx
 import openai
 import pytest
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.server.app import create_app
 from server_fixtures import (
     PROMPT,
     LiveServer,
@@ -21,10 +24,6 @@ from server_fixtures import (
     reference,
     tiny_model,
 )
-
-from engine.config import EngineConfig
-from engine.engine import Engine
-from server.app import create_app
 
 MODEL = "tiny"
 

@@ -11,6 +11,10 @@ import time
 
 import httpx
 import pytest
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.server.app import create_app
+from loraplex.server.tenants import Tenants
 from server_fixtures import (
     PROMPT,
     LiveServer,
@@ -20,11 +24,6 @@ from server_fixtures import (
     reference,
     tiny_model,
 )
-
-from engine.config import EngineConfig
-from engine.engine import Engine
-from server.app import create_app
-from server.tenants import Tenants
 
 MODEL = "tiny"
 KEYS = {"acme": "acme-key", "globex": "globex-key", "root": "root-key"}

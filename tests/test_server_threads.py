@@ -6,8 +6,7 @@ import asyncio
 import threading
 
 import pytest
-
-from server.threads import await_in_fresh_thread, run_in_fresh_thread
+from loraplex.server.threads import await_in_fresh_thread, run_in_fresh_thread
 
 
 def _whoami(x):

@@ -7,12 +7,11 @@ import os
 import random
 
 import pytest
+from loraplex.server.adapters import confine
+from loraplex.server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
+from loraplex.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from loraplex.server.tenants import AdapterNamespace, Tenants
 from server_fixtures import tiny_model
-
-from server.adapters import confine
-from server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
-from server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
-from server.tenants import AdapterNamespace, Tenants
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,15 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
-
-from kernels import attention_triton  # noqa: E402
-from kernels.attention import (  # noqa: E402
+from loraplex.kernels import attention_triton  # noqa: E402
+from loraplex.kernels.attention import (  # noqa: E402
     attention_reference,
     build_attention_meta,
     paged_attention,
     triton_q_tile,
     write_kv,
 )
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -176,12 +175,12 @@ def test_real_shapes(dtype):
 
 @needs_ptxas
 def test_kernels_compile_for_hopper(tmp_path):
-    assert_compiles_for_hopper("kernels.attention_triton", ("bf16",), tmp_path)
+    assert_compiles_for_hopper("loraplex.kernels.attention_triton", ("bf16",), tmp_path)
 
 
 def test_bench_decode_case():
     """kernels.bench's decode case: both paths agree and the K/V byte count is right."""
-    from kernels import bench
+    from loraplex.kernels import bench
 
     q, k_cache, v_cache, meta, kv_bytes = bench.decode_case(3, 40, 4, 2, 16, torch.float32, DEVICE)
     assert kv_bytes == 3 * 40 * 2 * 16 * 2 * 4 and meta.q_tile == 1

@@ -4,9 +4,8 @@ torch backends (on the CPU the kernels run in Triton's interpreter, set up by co
 from __future__ import annotations
 
 import pytest
-
-from engine import LLM, SamplingParams
-from engine.config import EngineConfig
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.llm import LLM, SamplingParams
 
 PROMPTS = [[5, 9, 33, 2, 71, 12, 8, 19, 4], [100, 3], list(range(40, 61)), [7, 7, 7]]
 

@@ -23,10 +23,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
-
-from kernels import lora_triton  # noqa: E402
-from kernels.lora import (  # noqa: E402
+from loraplex.kernels import lora_triton  # noqa: E402
+from loraplex.kernels.lora import (  # noqa: E402
     GROUPS,
     LoRABatchMeta,
     LoRASegment,
@@ -38,6 +36,7 @@ from kernels.lora import (  # noqa: E402
     module_dims,
     pack_blob,
 )
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
@@ -243,13 +242,13 @@ def _float_views(meta):
 
 @needs_ptxas
 def test_kernels_compile_for_hopper(tmp_path):
-    assert_compiles_for_hopper("kernels.lora_triton", ("bf16", "fp32"), tmp_path)
+    assert_compiles_for_hopper("loraplex.kernels.lora_triton", ("bf16", "fp32"), tmp_path)
 
 
 def test_bench_case_paths_agree():
     """kernels.bench builds its LoRA case right: Triton, torch and the padded bmm baseline
     agree on a tiny case (and the byte counts are what the layout says)."""
-    from kernels import bench
+    from loraplex.kernels import bench
 
     dims = module_dims(32, 32, 16, 48)
     case = bench.lora_case(40, 5, dims, torch.float32, DEVICE, ranks=(8, 1, 16), page_elems=96)
@@ -272,7 +271,7 @@ def test_bench_case_paths_agree():
 
 @pytest.mark.skipif(CUDA, reason="checks the message shown without CUDA")
 def test_bench_exits_without_cuda():
-    from kernels import bench
+    from loraplex.kernels import bench
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench.main([])

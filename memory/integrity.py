@@ -1,22 +1,14 @@
-"""Unified paging: one page pool shared by the KV cache and device-resident LoRA adapters.
+"""The whole-memory check: pool, KV block tables and adapter residency agree with each other.
 
 Bookkeeping only (plain ints and lists of page ids); the engine owns the tensor storage. See
 ``memory/pool.py`` for the page geometry.
 """
 
-from .adapter_store import AdapterStore
-from .kv_cache import KVCacheManager
-from .pool import KINDS, IntegrityError, PagePool, PoolExhausted
+from __future__ import annotations
 
-__all__ = [
-    "KINDS",
-    "AdapterStore",
-    "IntegrityError",
-    "KVCacheManager",
-    "PagePool",
-    "PoolExhausted",
-    "check_all",
-]
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.memory.pool import IntegrityError, PagePool
 
 
 def check_all(pool: PagePool, kv: KVCacheManager, store: AdapterStore) -> None:
