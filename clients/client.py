@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import httpx
+
 from loraplex.clients import calls
 from loraplex.clients.calls import Call, Message, Prompt, StreamReader
 from loraplex.clients.errors import LoraplexConnectionError, LoraplexError, from_response

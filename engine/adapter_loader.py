@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+from safetensors import safe_open
+
 from loraplex.engine.loader import (
     _PICKLE_SUFFIXES,
     MODULES,
@@ -24,7 +26,6 @@ from loraplex.engine.loader import (
     _read_json,
     module_path,
 )
-from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 

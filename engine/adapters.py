@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.engine.loader import ModelSpec, load_adapter
 from loraplex.kernels.lora import GroupViews, LoRALayout, blob_views, lora_layout, pack_blob
 from loraplex.memory.adapter_store import AdapterStore

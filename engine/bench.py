@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+
 from loraplex.engine.bench_report import (
     BASE,
     Row,

@@ -17,8 +17,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec, module_path
 from safetensors.torch import save_file
+
+from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec, module_path
 
 logger = logging.getLogger(__name__)
 

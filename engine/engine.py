@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from loraplex.engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.loader import ModelSpec, load_checkpoint, load_model_spec

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from loraplex.kernels.lora import module_dims as lora_module_dims
 from safetensors import safe_open
+
+from loraplex.kernels.lora import module_dims as lora_module_dims
 
 logger = logging.getLogger(__name__)
 

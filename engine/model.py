@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from loraplex.engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
 from loraplex.engine.loader import ModelSpec, module_path
 from loraplex.kernels.attention import AttentionMeta, paged_attention, write_kv

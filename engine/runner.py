@@ -8,6 +8,7 @@ tensors; the model's layers only read it.
 from __future__ import annotations
 
 import torch
+
 from loraplex.engine.adapters import AdapterRegistry
 from loraplex.engine.model import ForwardMeta, Model
 from loraplex.engine.sampler import SamplingBatch

@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.scheduler.sequence import Sequence
 
 logger = logging.getLogger(__name__)

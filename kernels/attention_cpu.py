@@ -13,6 +13,7 @@ metadata comes from `build_attention_meta(..., decode_tables=True)`.
 from __future__ import annotations
 
 import torch
+
 from loraplex.kernels.attention import AttentionMeta, attend_groups
 from loraplex.kernels.cpu_build import library
 

@@ -22,6 +22,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.attention import AttentionMeta
 from loraplex.kernels.triton_common import mma
 

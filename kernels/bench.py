@@ -22,6 +22,7 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.kernels.attention import build_attention_meta, paged_attention, triton_q_tile
 from loraplex.kernels.lora import (
     GROUPS,

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.kernels.cpu_build import (  # noqa: F401  (re-exported: callers import them from here)
     DTYPES,
     amx_available,

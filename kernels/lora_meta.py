@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from loraplex.kernels.lora import GROUPS, LoRALayout
 
 GROUP_INDEX = {name: i for i, name in enumerate(GROUPS)}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from loraplex.kernels.lora import GROUP_INDEX, MAX_SLOTS, LoRABatchMeta
 from loraplex.kernels.triton_common import mma
 

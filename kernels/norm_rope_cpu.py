@@ -9,6 +9,7 @@ bfloat16, CPU tensors whose rows are contiguous.
 from __future__ import annotations
 
 import torch
+
 from loraplex.kernels.cpu_build import library
 
 _SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}

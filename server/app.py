@@ -16,6 +16,9 @@ import os
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from loraplex.server import adapters as adapter_routes
 from loraplex.server import openai_routes
 from loraplex.server.async_engine import AsyncEngine
@@ -23,8 +26,6 @@ from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
 from loraplex.server.tenants import Tenants
-from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 DEMO_MODEL_ID = "loraplex-demo"

@@ -47,6 +47,7 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
+
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app
     from loraplex.server.tenants import Tenants

@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from fastapi import Request
+
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.detokenize import fast_decoder
 from loraplex.server.metrics import Metrics

@@ -12,6 +12,7 @@ import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.formatting import SSE_DONE, ChatFormat, CompletionFormat, sse
 from loraplex.server.generation import (

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from memory_helpers import make, owners
+
 from loraplex.memory.integrity import check_all
 from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
-from memory_helpers import make, owners
 
 # -- AdapterStore -----------------------------------------------------------------------------
 

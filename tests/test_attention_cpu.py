@@ -8,6 +8,7 @@ import random
 
 import pytest
 import torch
+
 from loraplex.kernels.attention import (
     attention_reference,
     build_attention_meta,
@@ -155,6 +156,7 @@ def test_engine_falls_back_for_heads_the_kernel_does_not_handle(tmp_path, caplog
     import logging
 
     from fixtures import make_tiny_model
+
     from loraplex.engine.llm import LLM
 
     model = make_tiny_model(tmp_path / "m", hidden_size=32, num_heads=4, num_kv_heads=2)

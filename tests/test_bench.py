@@ -8,6 +8,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
+
 from loraplex.engine.bench_report import Row, format_table, measure_side_by_side
 from loraplex.engine.cli import main
 from loraplex.engine.loader import load_model_spec

@@ -13,6 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
+from server_fixtures import (
+    PROMPT,
+    LiveServer,
+    engine_kwargs,
+    metric_values,
+    reference,
+    tiny_model,
+)
+
 from loraplex.clients.calls import Call, StreamReader
 from loraplex.clients.client import (
     AsyncLoraplexClient,
@@ -22,14 +31,6 @@ from loraplex.clients.client import (
 )
 from loraplex.clients.errors import from_response
 from loraplex.clients.types import ChatMessage, CompletionChunk
-from server_fixtures import (
-    PROMPT,
-    LiveServer,
-    engine_kwargs,
-    metric_values,
-    reference,
-    tiny_model,
-)
 
 MODEL = "tiny"
 ROOT_KEY, ACME_KEY = "root-key", "acme-key"

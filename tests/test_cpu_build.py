@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import logging
 
-import loraplex.kernels.cpu_build as cpu_build
 import pytest
+
+import loraplex.kernels.cpu_build as cpu_build
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm import LLM
 

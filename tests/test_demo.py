@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loraplex.engine.demo import DEMO_ADAPTERS, ensure_demo
 from loraplex.engine.loader import load_adapter, load_model_spec
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
 from loraplex.loadtests import http_bench
 from loraplex.loadtests.workloads import (
     ServerProcess,

@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from loraplex.engine.llm import LLM
 from loraplex.scheduler.sequence import SamplingParams
 

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+
 from loraplex.kernels.attention import (
     attention_reference,
     build_attention_meta,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import loraplex.kernels.linear as linear
 import pytest
 import torch
 import torch.nn.functional as F
+
+import loraplex.kernels.linear as linear
 from loraplex.kernels.linear import Linear
 
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from loraplex.engine.demo import make_adapter, make_checkpoint
 from loraplex.engine.loader import (
     MODULES,
@@ -23,7 +25,6 @@ from loraplex.engine.loader import (
     load_model_spec,
     module_path,
 )
-from safetensors.torch import load_file, save_file
 
 peft = pytest.importorskip("peft")
 TINY = dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2)

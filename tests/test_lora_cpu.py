@@ -10,9 +10,10 @@ import random
 import shutil
 from dataclasses import replace
 
-import loraplex.kernels.cpu_build as cpu_build
 import pytest
 import torch
+
+import loraplex.kernels.cpu_build as cpu_build
 from loraplex.engine.llm import LLM
 from loraplex.kernels.lora import (
     GROUPS,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+from memory_helpers import make, owners
+
 from loraplex.memory.kv_cache import KVCacheManager
 from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
-from memory_helpers import make, owners
 
 # -- PagePool ---------------------------------------------------------------------------------
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from memory_helpers import make, owners
+
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.integrity import check_all
 from loraplex.memory.pool import PoolExhausted
-from memory_helpers import make, owners
 
 # -- seeded random operations against a shadow model ------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from fixtures import ALL_MODULES, hf_reference_greedy, make_peft_adapter, make_tiny_model
+
 from loraplex.engine.llm import LLM, SamplingParams
 
 PROMPTS = [[5, 9, 33, 2, 71, 12], [100, 3], list(range(40, 59))]

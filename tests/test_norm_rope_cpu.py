@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loraplex.engine.layers import Rotary, add_rms_norm, apply_rotary, rms_norm
 from loraplex.kernels.cpu_build import cpu_kernel_error
 from loraplex.kernels.norm_rope_cpu import add_rms_norm_cpu, rms_norm_cpu, rotary_cpu

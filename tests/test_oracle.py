@@ -16,6 +16,7 @@ import functools
 import pytest
 import torch
 from fixtures import hf_reference_greedy
+
 from loraplex.engine.llm import LLM
 from loraplex.scheduler.sequence import SamplingParams
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from loraplex.engine.sampler import Sampler, SamplingBatch, row_seed
 from loraplex.scheduler.sequence import SamplingParams, Sequence
 

@@ -15,6 +15,7 @@ import random
 
 import pytest
 import torch
+
 from loraplex.engine.adapters import UnknownAdapterError
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import httpx
-from loraplex.server.cli import build_parser
 from server_fixtures import tiny_model
+
+from loraplex.server.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 

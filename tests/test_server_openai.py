@@ -12,9 +12,6 @@ import time
 import httpx
 import openai
 import pytest
-from loraplex.engine.config import EngineConfig
-from loraplex.engine.engine import Engine
-from loraplex.server.app import create_app
 from server_fixtures import (
     PROMPT,
     LiveServer,
@@ -24,6 +21,10 @@ from server_fixtures import (
     reference,
     tiny_model,
 )
+
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.server.app import create_app
 
 MODEL = "tiny"
 

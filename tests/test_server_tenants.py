@@ -11,10 +11,6 @@ import time
 
 import httpx
 import pytest
-from loraplex.engine.config import EngineConfig
-from loraplex.engine.engine import Engine
-from loraplex.server.app import create_app
-from loraplex.server.tenants import Tenants
 from server_fixtures import (
     PROMPT,
     LiveServer,
@@ -24,6 +20,11 @@ from server_fixtures import (
     reference,
     tiny_model,
 )
+
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.server.app import create_app
+from loraplex.server.tenants import Tenants
 
 MODEL = "tiny"
 KEYS = {"acme": "acme-key", "globex": "globex-key", "root": "root-key"}

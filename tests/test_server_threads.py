@@ -6,6 +6,7 @@ import asyncio
 import threading
 
 import pytest
+
 from loraplex.server.threads import await_in_fresh_thread, run_in_fresh_thread
 
 

@@ -7,11 +7,12 @@ import os
 import random
 
 import pytest
+from server_fixtures import tiny_model
+
 from loraplex.server.adapters import confine
 from loraplex.server.detokenize import IncrementalDetokenizer, StopMatcher, TextStream
 from loraplex.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
 from loraplex.server.tenants import AdapterNamespace, Tenants
-from server_fixtures import tiny_model
 
 
 @pytest.fixture(scope="module")

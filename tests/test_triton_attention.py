@@ -24,6 +24,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
+
 from loraplex.kernels import attention_triton  # noqa: E402
 from loraplex.kernels.attention import (  # noqa: E402
     attention_reference,
@@ -32,7 +34,6 @@ from loraplex.kernels.attention import (  # noqa: E402
     triton_q_tile,
     write_kv,
 )
-from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 

@@ -4,6 +4,7 @@ torch backends (on the CPU the kernels run in Triton's interpreter, set up by co
 from __future__ import annotations
 
 import pytest
+
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.llm import LLM, SamplingParams
 

@@ -23,6 +23,8 @@ if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
+
 from loraplex.kernels import lora_triton  # noqa: E402
 from loraplex.kernels.lora import (  # noqa: E402
     GROUPS,
@@ -36,7 +38,6 @@ from loraplex.kernels.lora import (  # noqa: E402
     module_dims,
     pack_blob,
 )
-from triton_compile import assert_compiles_for_hopper, needs_ptxas  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 
