@@ -2,7 +2,7 @@
 
 `F.linear(x, W)` with W [out, in] is what HF runs. On the CPU, at the few rows of a decode step
 (M ~ 1-64), that is not the fast way to multiply (measured on a 2-core Xeon, M = 16, the bench
-model's shapes; docs/benchmarks.md):
+model's shapes; the git history of docs/benchmarks.md has the runs):
   float32:  x @ W^T with W^T stored contiguous ([in, out]) is ~2x faster than F.linear and gives
             the same numbers (MKL takes its no-transpose path).
   bfloat16: oneDNN with the weight reordered once into its blocked layout

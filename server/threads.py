@@ -3,8 +3,8 @@
 torch's OpenMP runtime keeps a worker pool for every thread that has done parallel torch work.
 A second long-lived thread doing torch work (the main thread building the engine, or an
 `asyncio.to_thread` pool thread packing an adapter) leaves two pools competing for the cores,
-and the engine loop ran ~1.5x slower on 2 CPUs (docs/benchmarks.md, HTTP throughput). A thread
-that exits takes its pool with it.
+and the engine loop ran ~1.5x slower on 2 CPUs (measured 2026-11; the git history of
+docs/benchmarks.md has the runs). A thread that exits takes its pool with it.
 """
 
 from __future__ import annotations
