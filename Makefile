@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test lint format bench clean-venv
+.PHONY: serve test lint format bench clean-venv loadtest
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: $(STAMP)
 
 format: $(STAMP)
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+# Locust against URL, or against `loraplex serve` (demo model, 127.0.0.1) started and stopped
+# around the run; CSVs in results/loadtest_*.csv. LOCUST_ARGS: e.g. "--trace t.jsonl".
+loadtest: $(STAMP)
+	$(BIN)/python -m loraplex.loadtests.locust_run --users $(or $(USERS),8) \
+		--spawn-rate $(or $(RATE),8) --duration $(or $(DURATION),30s) \
+		$(if $(URL),--url $(URL)) $(LOCUST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

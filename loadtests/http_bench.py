@@ -10,7 +10,7 @@
    every engine option (pool bytes included).
 2. Then starts `loraplex serve` with exactly those engine options on a free loopback port,
    waits for `/health`, and drives the same prompts (request i -> adapter i % K) as streamed
-   completions, `--concurrency` clients at a time (`loadtests.workloads.run_streamed`), after
+   completions, `--concurrency` clients at a time (`loadtests.stream_client.run_streamed`), after
    `--warmup` short rounds. Output tokens are counted from each stream's `usage` chunk;
    TTFT/ITL are measured by the clients.
 3. `--repeat N`: N offline and N HTTP timed runs, alternating (offline, HTTP, offline, ...;
@@ -39,15 +39,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from loraplex.loadtests.workloads import (
-    CpuMeter,
-    ServerProcess,
-    adapter_names,
-    bench_prompts,
-    latency_summary,
-    run_cli,
-    run_streamed,
-)
+from loraplex.loadtests.server_process import CpuMeter, ServerProcess, run_cli
+from loraplex.loadtests.stream_client import latency_summary, run_streamed
+from loraplex.loadtests.workloads import adapter_names, bench_prompts
 
 logger = logging.getLogger(__name__)
 

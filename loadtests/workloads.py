@@ -1,46 +1,48 @@
-"""Workloads for HTTP load tests: the offline benchmark's prompts, driven through the
-OpenAI-compatible API by concurrent streaming clients.
+"""Workloads for the load tests: the offline benchmark's fixed requests, and seeded synthetic
+workloads (arrivals, adapter popularity, lengths) replayable as JSONL traces.
 
 Contracts:
 - `bench_prompts(n, prompt_len, vocab_size, seed)` returns exactly the token-id prompts that
   `loraplex bench throughput` generates for the same arguments (torch.randint over
   [4, vocab) with a CPU generator seeded `seed`; [0, vocab) for vocabularies of 64 or less).
   Request i of that benchmark uses adapter `names[i % len(names)]`.
-- `run_streamed(...)` sends every request as a streamed `POST /v1/completions` (greedy,
-  `ignore_eos`, `max_tokens`), `concurrency` at a time (closed loop: each client sends its next
-  request when the previous stream ends), and returns the wall time of the whole run and one
-  `StreamResult` per request, in request order. Output tokens are counted exactly from the
-  final `usage` chunk (`stream_options.include_usage`); with `logprobs=True` the per-token
-  strings and log-probabilities are collected too. Any non-200 answer, error event or missing
-  usage raises `StreamError`. The clients are aiohttp's (C HTTP parser): on a small machine the
-  load generator shares the server's cores, and httpx took 2.5x the CPU per streamed chunk
-  (docs/benchmarks.md).
-- `ServerProcess` runs `loraplex serve` as a subprocess (ready once `/health` answers, stopped
-  with SIGTERM); `CpuMeter` measures the CPU the client, the server and everything else used.
+- `make_trace(spec, adapters, vocab_size)` is a pure function of its arguments (numpy
+  `default_rng`). Each aspect draws from its own child of `SeedSequence(spec.seed)`: arrivals,
+  base-model choice, adapter index, prompt lengths, output lengths, prompt tokens. So two specs
+  that differ in one aspect (say `alpha`) get the same arrivals, lengths and prompts.
+- Arrivals: "closed" has none (`arrival_s` None; `concurrency` users send back to back);
+  "gamma" gaps ~ Gamma(shape 1/cv^2, scale cv^2/rate): mean 1/rate, coefficient of variation
+  `cv` (1 = Poisson), the first request at its own gap.
+- Adapters: with probability `base_share` the base model (None), else `adapters[i]` with i from
+  the popularity law: "uniform"; "power" as S-LoRA's benchmark (`numpy.random.power(alpha)`:
+  i = floor(n * u**(1/alpha)), u ~ U[0, 1), so P(i <= k) = ((k+1)/n)**alpha; alpha 1 is
+  uniform, smaller alpha is more skewed towards index 0); "zipf": P(rank k) ∝ 1/k**s over
+  k = 1..n (i = k - 1). No adapters: every request goes to the base model.
+- Lengths: `(lo, hi)` is uniform over [lo, hi); `(n, n)` (or `(n, n + 1)`) is exactly n.
+  Prompt tokens are uniform over [4, vocab_size) (the demo tokenizer's 4 special ids skipped;
+  [0, vocab_size) for vocabularies of 64 or less), as in `loraplex bench throughput`.
+- Trace files (JSONL): line 1 `{"trace": 1, "spec": {...}, "adapters": [...]}`, then one
+  `{"index", "arrival_s", "adapter", "prompt", "output_len"}` object per request, in order.
+  `Trace.load` checks every line and raises ValueError "PATH:LINE: problem" on the first bad
+  one (not JSON, a missing, unknown or ill-typed field, an index out of order, a bad header).
 """
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import json
 import logging
 import math
-import os
-import signal
-import socket
-import subprocess
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import aiohttp
-import httpx
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
-
-class StreamError(RuntimeError):
-    """A request failed: bad status, an error event in the stream, or a malformed stream."""
+ARRIVALS = ("closed", "gamma")
+POPULARITY = ("uniform", "power", "zipf")
+TRACE_VERSION = 1
 
 
 def bench_prompts(num_requests: int, prompt_len: int, vocab_size: int, seed: int) -> list:
@@ -58,280 +60,236 @@ def adapter_names(names: list[str], num_requests: int) -> list[str | None]:
     return [names[i % len(names)] if names else None for i in range(num_requests)]
 
 
-@dataclass
-class StreamResult:
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A synthetic workload (see the module docstring); ValueError naming the field if invalid.
+    `rate` is required with arrival "gamma" and refused with "closed". Lengths may be given as
+    any 2-sequence of ints (a JSON list); they are stored as tuples."""
+
+    num_requests: int
+    arrival: str = "closed"
+    rate: float | None = None
+    cv: float = 1.0
+    concurrency: int = 16
+    popularity: str = "uniform"
+    alpha: float = 1.0
+    zipf_s: float = 1.1
+    base_share: float = 0.0
+    prompt_len: tuple[int, int] = (64, 64)
+    output_len: tuple[int, int] = (64, 64)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> None:
+            raise ValueError(f"WorkloadSpec.{name}: {why} (got {getattr(self, name)!r})")
+
+        if not _is_int(self.num_requests) or self.num_requests < 1:
+            bad("num_requests", "must be an integer >= 1")
+        if self.arrival not in ARRIVALS:
+            bad("arrival", f"must be one of {ARRIVALS}")
+        if self.arrival == "gamma" and (not _is_num(self.rate) or self.rate <= 0):
+            bad("rate", "arrival 'gamma' needs a rate > 0 (requests/s)")
+        if self.arrival == "closed" and self.rate is not None:
+            bad("rate", "only for arrival 'gamma' (a closed loop has no rate)")
+        if not _is_num(self.cv) or self.cv <= 0:
+            bad("cv", "must be a number > 0")
+        if not _is_int(self.concurrency) or self.concurrency < 1:
+            bad("concurrency", "must be an integer >= 1")
+        if self.popularity not in POPULARITY:
+            bad("popularity", f"must be one of {POPULARITY}")
+        if not _is_num(self.alpha) or self.alpha <= 0:
+            bad("alpha", "must be a number > 0")
+        if not _is_num(self.zipf_s) or self.zipf_s <= 0:
+            bad("zipf_s", "must be a number > 0")
+        if not _is_num(self.base_share) or not 0.0 <= self.base_share <= 1.0:
+            bad("base_share", "must be a number in [0, 1]")
+        for name in ("prompt_len", "output_len"):
+            v = getattr(self, name)
+            if isinstance(v, str | bytes) or not hasattr(v, "__len__") or len(v) != 2:
+                bad(name, "must be (lo, hi): uniform over [lo, hi), or (n, n) for exactly n")
+            lo, hi = v
+            if not (_is_int(lo) and _is_int(hi)) or lo < 1 or hi < lo:
+                bad(name, "must be integers with 1 <= lo <= hi")
+            object.__setattr__(self, name, (lo, hi))
+        if not _is_int(self.seed) or self.seed < 0:
+            bad("seed", "must be an integer >= 0")
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class TraceRequest:
     index: int
-    t_start: float  # perf_counter when the request was sent
-    t_first: float | None = None  # first chunk carrying a choice
-    t_end: float | None = None
-    chunk_times: list[float] = field(default_factory=list)  # chunks carrying a choice
-    completion_tokens: int = 0  # from the usage chunk
-    text: str = ""
-    tokens: list[str] = field(default_factory=list)  # with logprobs only
-    token_logprobs: list[float] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def ttft(self) -> float:
-        return self.t_first - self.t_start
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first (None for a single token)."""
-        if self.completion_tokens < 2:
-            return None
-        return (self.chunk_times[-1] - self.t_first) / (self.completion_tokens - 1)
+    arrival_s: float | None  # seconds from the start (gamma); None in a closed loop
+    adapter: str | None  # adapter name; None = base model
+    prompt: list[int]  # token ids
+    output_len: int  # exact number of tokens to generate (requests use ignore_eos)
 
 
-def completion_body(model: str, prompt: list[int], max_tokens: int, logprobs: bool) -> dict:
-    body = {
-        "model": model,
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    if logprobs:
-        body["logprobs"] = 0
-    return body
+@dataclass
+class Trace:
+    spec: WorkloadSpec
+    adapters: list[str]  # the adapter names it draws from
+    requests: list[TraceRequest]
+
+    def save(self, path) -> None:
+        """Write the JSONL trace (module docstring)."""
+        head = {"trace": TRACE_VERSION, "spec": self.spec.to_json(), "adapters": self.adapters}
+        lines = [json.dumps(head)]
+        lines += [json.dumps(dataclasses.asdict(r)) for r in self.requests]
+        Path(path).write_text("\n".join(lines) + "\n")
+
+    @classmethod
+    def load(cls, path) -> Trace:
+        """Read a JSONL trace; ValueError "PATH:LINE: problem" on the first bad line."""
+        text = Path(path).read_text()
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if not text.strip():
+            raise ValueError(f"{path}:1: empty trace file (no header)")
+        spec, adapters = _header(path, lines[0])
+        requests = [_request(path, n, line, n - 2) for n, line in enumerate(lines[1:], start=2)]
+        return cls(spec, adapters, requests)
 
 
-async def stream_one(
-    session: aiohttp.ClientSession, index: int, body: dict, headers: dict | None = None
-) -> StreamResult:
-    """One streamed completion; parses the SSE events as they arrive."""
-    res = StreamResult(index, time.perf_counter())
-    done = False
-    async with session.post("/v1/completions", json=body, headers=headers) as r:
-        if r.status != 200:
-            detail = (await r.read()).decode(errors="replace")[:500]
-            raise StreamError(f"request {index}: HTTP {r.status}: {detail}")
-        pending = b""
-        async for chunk in r.content.iter_any():
-            # events end with a blank line; a chunk may hold several or part of one
-            *events, pending = (pending + chunk).replace(b"\r\n", b"\n").split(b"\n\n")
-            for raw in events:
-                if not raw.startswith(b"data: "):
-                    continue
-                data = raw[6:]
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                t = time.perf_counter()
-                _take_event(res, index, json.loads(data), t)
-    res.t_end = time.perf_counter()
-    if not done or res.t_first is None or not res.completion_tokens:
-        raise StreamError(f"request {index}: the stream ended without tokens, usage or [DONE]")
-    if body.get("logprobs") is not None and len(res.tokens) != res.completion_tokens:
-        raise StreamError(
-            f"request {index}: {len(res.tokens)} tokens streamed, usage says "
-            f"{res.completion_tokens}"
-        )
-    return res
-
-
-def _take_event(res: StreamResult, index: int, event: dict, t: float) -> None:
-    if "error" in event:
-        raise StreamError(f"request {index}: error event: {event['error']}")
-    for choice in event.get("choices") or []:
-        if res.t_first is None:
-            res.t_first = t
-        res.chunk_times.append(t)
-        res.text += choice.get("text") or ""
-        lp = choice.get("logprobs")
-        if lp:
-            res.tokens += lp["tokens"]
-            res.token_logprobs += lp["token_logprobs"]
-        res.finish_reason = choice.get("finish_reason") or res.finish_reason
-    if event.get("usage"):
-        res.completion_tokens = event["usage"]["completion_tokens"]
-
-
-async def run_streamed(
-    base_url: str,
-    prompts: list[list[int]],
-    models: list[str],
-    max_tokens: int,
-    concurrency: int,
-    logprobs: bool = False,
-    headers: dict | None = None,
-) -> tuple[float, list[StreamResult]]:
-    """(wall seconds, results in request order); see the module docstring."""
-    results: list[StreamResult | None] = [None] * len(prompts)
-    todo = iter(range(len(prompts)))
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=600.0)
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for i in todo:  # a shared iterator: each index is taken by exactly one worker
-            body = completion_body(models[i], prompts[i], max_tokens, logprobs)
-            results[i] = await stream_one(session, i, body, headers)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url, connector=connector, timeout=timeout) as session:
-        t0 = time.perf_counter()
-        tasks = [asyncio.ensure_future(worker(session)) for _ in range(concurrency)]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-        wall = time.perf_counter() - t0
-    return wall, results  # type: ignore[return-value]
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """The q-th percentile (0-100, linear interpolation between order statistics)."""
-    if not values:
-        return None
-    v = sorted(values)
-    pos = (len(v) - 1) * min(max(q, 0.0), 100.0) / 100.0
-    lo = int(pos)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def latency_summary(results: list[StreamResult]) -> dict:
-    """TTFT p50/p90, ITL p50/p90 (gaps between streamed chunks), TPOT p50, in seconds."""
-    ttft = [r.ttft for r in results]
-    itl = [b - a for r in results for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
-    tpot = [r.tpot for r in results if r.tpot is not None]
-    return {
-        "ttft_p50": percentile(ttft, 50),
-        "ttft_p90": percentile(ttft, 90),
-        "itl_p50": percentile(itl, 50),
-        "itl_p90": percentile(itl, 90),
-        "tpot_p50": percentile(tpot, 50),
-    }
-
-
-def run_cli(argv: list[str], what: str) -> str:
-    """Run a command to completion; its stdout. SystemExit with its output's tail on failure."""
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def process_cpu_seconds(pid: int, tid: int | None = None) -> float:
-    """User + system CPU seconds of a live process, or of its thread `tid` (Linux /proc), NaN
-    elsewhere."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+def _json_object(path, n: int, line: str, what: str) -> dict:
     try:
-        fields = Path(path).read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return math.nan
+        obj = json.loads(line)
+    except ValueError as e:
+        raise ValueError(f"{path}:{n}: not JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}:{n}: {what} must be a JSON object")
+    return obj
 
 
-class ServerProcess:
-    """`loraplex serve FLAGS` on 127.0.0.1 as a subprocess (output to `log_dir`/server.log).
-
-    `with` starts it and waits until `/health` answers 200 (SystemExit with the log's tail if it
-    exits first or `start_timeout` passes), then reads the base model's id (`base_id`) from
-    `/v1/models`. Leaving sends SIGTERM and waits for the graceful exit (SIGKILL after
-    `stop_timeout` seconds); `returncode` is then set (0 on a clean stop)."""
-
-    def __init__(self, exe: str, flags: list[str], port: int, log_dir: str,
-                 start_timeout: float = 180.0, stop_timeout: float = 30.0) -> None:  # fmt: skip
-        self.argv = [exe, "--log-level", "WARNING", "serve", *flags, "--host", "127.0.0.1"]
-        self.port = port or free_port()
-        self.log_path = Path(log_dir) / "server.log"
-        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.base_id: str | None = None
-        self.returncode: int | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def _fail(self, why: str) -> None:
-        tail = self.log_path.read_text(errors="replace")[-3000:]
-        raise SystemExit(f"loraplex serve {why}:\n{tail}")
-
-    def __enter__(self) -> ServerProcess:
-        with open(self.log_path, "w") as log:
-            argv = [*self.argv, "--port", str(self.port)]
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + self.start_timeout
-            while True:
-                if self.proc.poll() is not None:
-                    self._fail(f"exited with status {self.proc.returncode} before it was ready")
-                try:
-                    if httpx.get(f"{self.url}/health", timeout=2.0).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self._fail(f"was not healthy after {self.start_timeout:.0f} s")
-                time.sleep(0.2)
-            self.base_id = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> int:
-        if self.proc is None or self.returncode is not None:
-            return self.returncode or 0
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.returncode = self.proc.wait(self.stop_timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "loraplex serve ignored SIGTERM for %.0f s: killing it", self.stop_timeout
-            )
-            self.proc.kill()
-            self.returncode = self.proc.wait()
-        if self.returncode != 0:
-            logger.warning("loraplex serve exited with status %d", self.returncode)
-        return self.returncode
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+def _check_keys(path, n: int, obj: dict, keys: tuple, what: str) -> None:
+    missing = [k for k in keys if k not in obj]
+    unknown = sorted(set(obj) - set(keys))
+    if missing:
+        raise ValueError(f"{path}:{n}: {what} misses field {missing[0]!r}")
+    if unknown:
+        raise ValueError(f"{path}:{n}: {what} has unknown field {unknown[0]!r}")
 
 
-class CpuMeter:
-    """Wall time of a block and CPU use meanwhile, in cores: this process (`own_cores`), the
-    server process (`server_cores`) and its main thread, where uvicorn runs the event loop
-    (`server_loop_cores`: the HTTP side's own work; the engine runs on other threads), and
-    everything else on the machine (`other_load`: /proc/stat busy time minus this process and
-    the server, as in `loraplex bench throughput`; None off Linux)."""
+def _header(path, line: str) -> tuple[WorkloadSpec, list[str]]:
+    head = _json_object(path, 1, line, "the header")
+    _check_keys(path, 1, head, ("trace", "spec", "adapters"), "the header")
+    if head["trace"] != TRACE_VERSION or isinstance(head["trace"], bool):
+        raise ValueError(f"{path}:1: not a version {TRACE_VERSION} trace: {head['trace']!r}")
+    adapters = head["adapters"]
+    if not isinstance(adapters, list) or not all(isinstance(a, str) for a in adapters):
+        raise ValueError(f"{path}:1: 'adapters' must be a list of names")
+    if not isinstance(head["spec"], dict):
+        raise ValueError(f"{path}:1: 'spec' must be an object")
+    known = {f.name for f in dataclasses.fields(WorkloadSpec)}
+    unknown = sorted(set(head["spec"]) - known)
+    if unknown:
+        raise ValueError(f"{path}:1: 'spec' has unknown field {unknown[0]!r}")
+    try:
+        spec = WorkloadSpec(**head["spec"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}:1: bad spec: {e}") from None
+    return spec, adapters
 
-    def __init__(self, server_pid: int) -> None:
-        self.server_pid = server_pid
 
-    def _sample(self) -> tuple[float, float, float, float]:
-        t = os.times()
-        try:
-            f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-            busy = (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
-        except (OSError, ValueError, IndexError):
-            busy = math.nan
-        pid = self.server_pid
-        own = t.user + t.system
-        return busy, own, process_cpu_seconds(pid), process_cpu_seconds(pid, tid=pid)
+def _request(path, n: int, line: str, index: int) -> TraceRequest:
+    obj = _json_object(path, n, line, "a request")
+    keys = tuple(f.name for f in dataclasses.fields(TraceRequest))
+    _check_keys(path, n, obj, keys, "the request")
 
-    def __enter__(self) -> CpuMeter:
-        self.s0, self.t0 = self._sample(), time.perf_counter()
-        return self
+    def bad(name: str, why: str) -> None:
+        raise ValueError(f"{path}:{n}: {name!r} {why} (got {obj[name]!r})")
 
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self.t0
-        (b0, o0, s0, l0), (b1, o1, s1, l1) = self.s0, self._sample()
-        self.own_cores = (o1 - o0) / self.wall
-        self.server_cores = (s1 - s0) / self.wall
-        self.server_loop_cores = (l1 - l0) / self.wall
-        other = ((b1 - b0) - (o1 - o0) - (s1 - s0)) / self.wall
-        self.other_load = None if math.isnan(other) else max(0.0, other)
+    if obj["index"] != index or not _is_int(obj["index"]):
+        bad("index", f"out of order: expected {index}")
+    arrival = obj["arrival_s"]
+    if arrival is not None and (not _is_num(arrival) or arrival < 0):
+        bad("arrival_s", "must be null or a number >= 0")
+    if obj["adapter"] is not None and not isinstance(obj["adapter"], str):
+        bad("adapter", "must be null or a name")
+    prompt = obj["prompt"]
+    if not isinstance(prompt, list) or not prompt or not all(_is_int(t) and t >= 0 for t in prompt):
+        bad("prompt", "must be a non-empty list of token ids")
+    if not _is_int(obj["output_len"]) or obj["output_len"] < 1:
+        bad("output_len", "must be an integer >= 1")
+    return TraceRequest(index, None if arrival is None else float(arrival), obj["adapter"],
+                        prompt, obj["output_len"])  # fmt: skip
+
+
+def gamma_arrivals(n: int, rate: float, cv: float, rng) -> list[float]:
+    """Arrival times (seconds from the start) of `n` requests: cumulative Gamma gaps of mean
+    1/rate and coefficient of variation `cv`; the first request arrives at its own gap."""
+    gaps = rng.gamma(shape=1.0 / cv**2, scale=cv**2 / rate, size=n)
+    return np.cumsum(gaps).tolist()
+
+
+def power_law_indices(n_requests: int, n_adapters: int, alpha: float, rng) -> list[int]:
+    """S-LoRA's power law: floor(n_adapters * u**(1/alpha)), u ~ U[0, 1) (module docstring)."""
+    u = rng.random(n_requests)
+    idx = np.floor(n_adapters * u ** (1.0 / alpha)).astype(np.int64)
+    return np.minimum(idx, n_adapters - 1).tolist()
+
+
+def zipf_indices(n_requests: int, n_adapters: int, s: float, rng) -> list[int]:
+    """Index k - 1 with P(rank k) ∝ 1/k**s over k = 1..n_adapters (finite, normalised)."""
+    weights = 1.0 / np.arange(1, n_adapters + 1, dtype=np.float64) ** s
+    return rng.choice(n_adapters, size=n_requests, p=weights / weights.sum()).tolist()
+
+
+def uniform_indices(n_requests: int, n_adapters: int, rng) -> list[int]:
+    return rng.integers(0, n_adapters, size=n_requests).tolist()
+
+
+def _lengths(bounds: tuple[int, int], n: int, rng) -> list[int]:
+    lo, hi = bounds
+    if hi <= lo + 1:
+        return [lo] * n
+    return rng.integers(lo, hi, size=n).tolist()
+
+
+def make_trace(spec: WorkloadSpec, adapters: list[str], vocab_size: int) -> Trace:
+    """The trace of `spec` over `adapters` with token ids below `vocab_size` (module docstring)."""
+    if not _is_int(vocab_size) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be a positive integer (got {vocab_size!r})")
+    adapters = list(adapters)
+    n = spec.num_requests
+    r_arrival, r_base, r_adapter, r_plen, r_olen, r_tokens = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(6)
+    )
+    arrivals = (
+        gamma_arrivals(n, spec.rate, spec.cv, r_arrival) if spec.arrival == "gamma" else [None] * n
+    )
+    on_base = (r_base.random(n) < spec.base_share).tolist()
+    k = len(adapters)
+    if k == 0:
+        idx = [0] * n
+    elif spec.popularity == "power":
+        idx = power_law_indices(n, k, spec.alpha, r_adapter)
+    elif spec.popularity == "zipf":
+        idx = zipf_indices(n, k, spec.zipf_s, r_adapter)
+    else:
+        idx = uniform_indices(n, k, r_adapter)
+    plens = _lengths(spec.prompt_len, n, r_plen)
+    olens = _lengths(spec.output_len, n, r_olen)
+    low = 4 if vocab_size > 64 else 0
+    requests = [
+        TraceRequest(
+            index=i,
+            arrival_s=arrivals[i],
+            adapter=None if k == 0 or on_base[i] else adapters[idx[i]],
+            prompt=r_tokens.integers(low, vocab_size, size=plens[i]).tolist(),
+            output_len=olens[i],
+        )
+        for i in range(n)
+    ]
+    return Trace(spec, adapters, requests)

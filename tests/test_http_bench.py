@@ -15,16 +15,15 @@ from types import SimpleNamespace
 import pytest
 
 from loraplex.loadtests import http_bench
-from loraplex.loadtests.workloads import (
-    ServerProcess,
+from loraplex.loadtests.server_process import ServerProcess
+from loraplex.loadtests.stream_client import (
     StreamError,
     StreamResult,
-    adapter_names,
-    bench_prompts,
     latency_summary,
     percentile,
     run_streamed,
 )
+from loraplex.loadtests.workloads import adapter_names, bench_prompts
 
 LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
 
