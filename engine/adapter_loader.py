@@ -258,5 +258,6 @@ def load_adapter(name: str, adapter_dir, spec: ModelSpec, max_lora_rank: int) ->
                     fail(f"tensor {slot[kind]} contains NaN or Inf")
                 store[pos] = t
     scale = alpha / (math.sqrt(rank) if use_rslora else rank)
-    logger.info("adapter '%s': rank %d, scale %.4g, modules %s", name, rank, scale, targets)
+    # DEBUG: registering logs its own line (or one summary line for an --adapter-dir)
+    logger.debug("adapter '%s': rank %d, scale %.4g, modules %s", name, rank, scale, targets)
     return AdapterWeights(name, str(d), rank, alpha, use_rslora, scale, targets, A, B)

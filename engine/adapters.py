@@ -103,6 +103,8 @@ class AdapterRegistry:
             )
         blob = torch.empty(layout.num_elems, dtype=self.pool.dtype)
         pack_blob(layout, weights.A, weights.B, blob)
+        weights.A.clear()  # the float32 copies go now: only the packed blob stays in memory
+        weights.B.clear()
         if self.pool.is_cuda:
             blob = blob.pin_memory()
         return PreparedAdapter(
@@ -117,9 +119,12 @@ class AdapterRegistry:
             num_pages=num_pages,
         )
 
-    def register(self, prepared: PreparedAdapter, *, pinned: bool = False) -> AdapterInfo:
+    def register(
+        self, prepared: PreparedAdapter, *, pinned: bool = False, quiet: bool = False
+    ) -> AdapterInfo:
         """Make a prepared adapter usable under its name (host tier; device on first use).
-        Cheap: no file I/O. ValueError if the name is taken (nothing registered then)."""
+        Cheap: no file I/O. ValueError if the name is taken (nothing registered then).
+        `quiet`: its log line at DEBUG (bulk registration logs one summary line instead)."""
         p = prepared
         if p.name in self.by_name:
             raise ValueError(f"adapter '{p.name}': a loaded adapter already has this name")
@@ -140,8 +145,13 @@ class AdapterRegistry:
         self.by_name[p.name] = uid
         if pinned and self.store.pin(uid):
             self.write(uid)
-        logger.info(
-            "adapter %s: rank %d, %d bytes, %d pages", p.name, p.rank, info.num_bytes, p.num_pages
+        logger.log(
+            logging.DEBUG if quiet else logging.INFO,
+            "adapter %s: rank %d, %d bytes, %d pages",
+            p.name,
+            p.rank,
+            info.num_bytes,
+            p.num_pages,
         )
         return info
 
@@ -179,6 +189,10 @@ class AdapterRegistry:
         h = self.host[uid]
         pages = self.store.pages(uid)
         pe, n = self.page_elems, h.layout.num_elems
+        if len(self._views) > 2 * self.store.num_resident + 64:
+            # Views of evicted adapters: keep only resident ones (amortized O(1) per write), so
+            # this cache grows with the pool, not with the adapters ever used.
+            self._views = {u: v for u, v in self._views.items() if self.store.is_resident(u)}
         if self.store.is_contiguous(uid):
             self.flat[pages[0] * pe : pages[0] * pe + n].copy_(h.blob, non_blocking=True)
             self._views[uid] = blob_views(h.layout, self.flat[pages[0] * pe : pages[0] * pe + n])
@@ -187,6 +201,12 @@ class AdapterRegistry:
                 chunk = h.blob[i * pe : (i + 1) * pe]
                 self.pool[page, : chunk.numel()].copy_(chunk, non_blocking=True)
             self._views.pop(uid, None)
+
+    def lasting_views(self, uid: int, views: list[dict[str, GroupViews]]) -> bool:
+        """Whether `views` (from `views(uid)`) stay valid while the adapter stays resident:
+        views into contiguous pages do; scattered pages give a gathered copy, fresh each call,
+        which nobody should keep (it would be a second host copy of the weights)."""
+        return self._views.get(uid) is views
 
     def views(self, uid: int) -> list[dict[str, GroupViews]]:
         """Per-layer weight views of a resident adapter. Contiguous pages: views straight into

@@ -49,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("benchmark")
     g.add_argument("--num-requests", type=int, default=64)
     g.add_argument("--num-adapters", type=int, default=8, help="K adapters (0 = base only); "
-                   "the first K --adapter dirs if given, else generated")  # fmt: skip
+                   "the first K --adapter dirs, then --adapter-dir's folders (sorted; all are "
+                   "registered), if given, else generated")  # fmt: skip
     g.add_argument("--ranks", default="8,16,32,64", help="ranks, cycled over generated adapters")
     g.add_argument("--concurrency", type=int, default=16,
                    help="our max_num_seqs (overrides --max-num-seqs), PEFT batch size")  # fmt: skip
@@ -98,8 +99,14 @@ def _assets(args, ranks: list[int], tmp: str) -> tuple[str, dict[str, str]]:
         _atomic_build(root / "model", lambda d: make_checkpoint(d, **BENCH_MODEL))
         model_dir, root = str(root / "model"), root / "adapters"
     given = parse_adapters(args.adapter)
-    if given:
-        return model_dir, dict(list(given.items())[: args.num_adapters])
+    if given or args.adapter_dir:
+        chosen = dict(list(given.items())[: args.num_adapters])
+        if args.adapter_dir:  # sizes the pool; `_registered_choice` settles it after the start
+            from loraplex.engine.adapter_dir import scan_adapter_dir
+
+            rest = [(n, p) for n, p in scan_adapter_dir(args.adapter_dir).found if _rank_of(p)]
+            chosen |= rest[: args.num_adapters - len(chosen)]
+        return model_dir, chosen
     spec, adapters = load_model_spec(model_dir), {}
     for i in range(args.num_adapters):
         r = ranks[i % len(ranks)]
@@ -108,6 +115,28 @@ def _assets(args, ranks: list[int], tmp: str) -> tuple[str, dict[str, str]]:
         _atomic_build(root / name, lambda d, r=r, i=i: make_adapter(
             d, spec, rank=r, alpha=2.0 * r, target_modules=ALL_MODULES, seed=1000 + i))  # fmt: skip
     return model_dir, adapters
+
+
+def _rank_of(adapter_dir: str) -> int | None:
+    """The rank in an adapter's config, None if unreadable (the engine will skip it)."""
+    try:
+        r = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["r"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return r if isinstance(r, int) and not isinstance(r, bool) else None
+
+
+def _registered_choice(llm, args, adapters: dict[str, str]) -> dict[str, str]:
+    """With --adapter-dir: the first K of the --adapter ones, then the dir's adapters the
+    engine registered (sorted): a folder it skipped gives its place to the next one."""
+    from loraplex.engine.cli import parse_adapters
+
+    report = llm.engine.adapter_dir
+    if report is None:
+        return adapters
+    explicit = list(parse_adapters(args.adapter).items())
+    found = [(info.name, info.path) for info in report.registered]
+    return dict((explicit + found)[: args.num_adapters])
 
 
 def _pool_bytes(args, spec, adapters: dict[str, str], elem: int) -> int:
@@ -220,7 +249,7 @@ def _weights(model_dir: str, adapters: dict[str, str]) -> tuple[int, int, int]:
 
 def throughput(args: argparse.Namespace) -> int:
     """Run the benchmark; print the setup, the table and the ratios. Returns 0."""
-    from loraplex.engine.cli import engine_config
+    from loraplex.engine.cli import engine_config, parse_adapters
     from loraplex.engine.llm import LLM
     from loraplex.engine.loader import load_model_spec
 
@@ -238,16 +267,23 @@ def throughput(args: argparse.Namespace) -> int:
                              "(or pass --baseline none)") from None  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as tmp:
         model_dir, adapters = _assets(args, ranks, tmp)
-        spec, names = load_model_spec(model_dir), list(adapters)
+        spec = load_model_spec(model_dir)
+        elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
+        pool_bytes = args.pool_bytes or _pool_bytes(args, spec, adapters, elem)
+        cfg = dataclasses.replace(engine_config(args), model=model_dir,
+                                  max_num_seqs=args.concurrency, pool_bytes=pool_bytes)  # fmt: skip
+        llm = None
+        if args.adapter_dir:  # start first: the workload uses adapters the engine registered
+            explicit = {n: p for n, p in parse_adapters(args.adapter).items() if n in adapters}
+            llm = LLM(**dataclasses.asdict(cfg) | {"adapters": explicit,
+                                                   "adapter_dir": args.adapter_dir})  # fmt: skip
+            adapters = _registered_choice(llm, args, adapters)
+        names = list(adapters)
         gen = torch.Generator().manual_seed(args.seed)
         low = 4 if spec.vocab_size > 64 else 0  # skip the demo tokenizer's special tokens
         shape = (args.num_requests, args.prompt_len)
         prompts = torch.randint(low, spec.vocab_size, shape, generator=gen).tolist()
         alist = [names[i % len(names)] for i in range(len(prompts))] if names else None
-        elem = torch.finfo(getattr(torch, args.dtype)).bits // 8
-        pool_bytes = args.pool_bytes or _pool_bytes(args, spec, adapters, elem)
-        cfg = dataclasses.replace(engine_config(args), model=model_dir,
-                                  max_num_seqs=args.concurrency, pool_bytes=pool_bytes)  # fmt: skip
         workload = f"{len(names)} adapter{'s' * (len(names) > 1)} (mixed)" if names else BASE
         machine = f"{_cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}"
         params, base_read, lora_read = _weights(model_dir, adapters)
@@ -260,7 +296,8 @@ def throughput(args: argparse.Namespace) -> int:
         print(f"workload: {args.num_requests} requests x {args.prompt_len} prompt + "
               f"{args.output_len} output tokens, concurrency {args.concurrency}")  # fmt: skip
         print(f"machine: {machine}, torch threads {torch.get_num_threads()}", flush=True)
-        llm = LLM(**dataclasses.asdict(cfg) | {"adapters": adapters})
+        if llm is None:
+            llm = LLM(**dataclasses.asdict(cfg) | {"adapters": adapters})
         backends = dict(llm.engine.backends)
         print(f"loraplex paths: lora {backends['lora']}, attention {backends['attention']}")
         specs = [ours(llm, prompts, alist, args, workload)]

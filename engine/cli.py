@@ -13,6 +13,9 @@ from collections.abc import Callable
 
 from loraplex.engine.config import ATTENTION_BACKENDS, DTYPES, LORA_BACKENDS, EngineConfig
 
+# (commands, bench commands) -> None: how outer layers add their commands to `loraplex`
+ExtraCommands = Callable[[argparse._SubParsersAction, argparse._SubParsersAction], None]
+
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
@@ -23,6 +26,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=DIR",
         help="a PEFT LoRA adapter directory, repeatable",
+    )
+    g.add_argument(
+        "--adapter-dir",
+        default=None,
+        metavar="DIR",
+        help="register every PEFT adapter folder directly under DIR, named after its folder "
+        "(host memory; pool pages on first use); bad folders are skipped with a warning",
     )
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -45,6 +55,26 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="auto: triton on CUDA, the C decode kernel (cpu) on the CPU for float32/bfloat16, "
         "else torch",
     )
+
+
+def serve_flags(args: argparse.Namespace) -> list[str]:
+    """The engine options of `args` that differ from their defaults, as the flags that give
+    another command (`loraplex serve` in a subprocess) the same engine."""
+    probe = argparse.ArgumentParser(add_help=False)
+    add_engine_args(probe)
+    flags = []
+    for action in probe._actions:
+        value = getattr(args, action.dest, action.default)
+        if not action.option_strings or value == action.default:
+            continue
+        opt = action.option_strings[0]
+        if isinstance(action, argparse._AppendAction):
+            flags += [x for item in value for x in (opt, str(item))]
+        elif action.nargs == 0:
+            flags.append(opt)
+        else:
+            flags += [opt, str(value)]
+    return flags
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -99,7 +129,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             except (ValueError, TypeError) as e:
                 raise ValueError(f"{args.input}:{lineno}: {e}") from None
             requests.append((req["prompt"], params, req.get("adapter")))
-    llm = LLM(adapters=parse_adapters(args.adapter), **_config_kwargs(args))
+    llm = LLM(
+        adapters=parse_adapters(args.adapter), adapter_dir=args.adapter_dir, **_config_kwargs(args)
+    )
     outs = llm.generate(
         [r[0] for r in requests], [r[1] for r in requests], [r[2] for r in requests]
     )
@@ -127,10 +159,10 @@ def _config_kwargs(args: argparse.Namespace) -> dict:
 
 
 def build_parser(
-    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+    extra_commands: ExtraCommands | None = None,
 ) -> argparse.ArgumentParser:
-    """The `loraplex` parser; `extra_commands(subparsers)` adds commands of outer layers
-    (the server adds `serve`) without this module importing them."""
+    """The `loraplex` parser; `extra_commands(commands, bench_commands)` adds commands of
+    outer layers (`serve`, `bench serve`) without this module importing them."""
     p = argparse.ArgumentParser(prog="loraplex", description="multi-LoRA LLM inference")
     p.add_argument("--log-level", default="INFO")
     sub = p.add_subparsers(dest="command", required=True)
@@ -150,13 +182,13 @@ def build_parser(
     bench_mod.add_arguments(thr)
     thr.set_defaults(func=bench_mod.throughput)
     if extra_commands is not None:
-        extra_commands(sub)
+        extra_commands(sub, bench_sub)
     return p
 
 
 def main(
     argv: list[str] | None = None,
-    extra_commands: Callable[[argparse._SubParsersAction], None] | None = None,
+    extra_commands: ExtraCommands | None = None,
 ) -> int:
     args = build_parser(extra_commands).parse_args(argv)
     logging.basicConfig(

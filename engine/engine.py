@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from loraplex.engine.adapter_dir import DirReport, register_adapter_dir, scan_adapter_dir
 from loraplex.engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.loader import ModelSpec, load_checkpoint, load_model_spec
@@ -87,13 +88,31 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, adapters: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapters: dict[str, str] | None = None,
+        adapter_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """`adapters` maps names to PEFT directories (a bad one fails the start);
+        `adapter_dir` registers every adapter folder under it (engine/adapter_dir.py: bad ones
+        are skipped with a warning). ValueError if a name comes from both."""
         self.config = config
+        scanned = scan_adapter_dir(adapter_dir) if adapter_dir is not None else None
+        if scanned is not None:
+            twice = sorted(scanned.names & set(adapters or {}))
+            if twice:
+                raise ValueError(
+                    f"adapter name{'s' * (len(twice) > 1)} {', '.join(map(repr, twice))} given "
+                    f"twice: by --adapter and as a folder of --adapter-dir {scanned.root}"
+                )
         model_dir = config.model
         if model_dir is None:
             from loraplex.engine.demo import ensure_demo
 
             model_dir, demo_adapters = ensure_demo()
+            in_dir = scanned.names if scanned is not None else set()
+            demo_adapters = {n: p for n, p in demo_adapters.items() if n not in in_dir}
             adapters = {**demo_adapters, **(adapters or {})}
         self.model_dir = str(model_dir)
         self.device = torch.device(config.device)
@@ -153,6 +172,11 @@ class Engine:
                     f"tokens ({kv_pages_one} pages) needs "
                     f"{(info.num_pages + kv_pages_one) * page_bytes} bytes"
                 )
+        self.adapter_dir: DirReport | None = None  # what --adapter-dir registered and skipped
+        if scanned is not None:
+            self.adapter_dir = register_adapter_dir(
+                self.adapters, scanned, max_pages=num_pages - kv_pages_one
+            )
         self._requests: dict[str, Sequence] = {}
         logger.info(
             "engine: %s (%s, %s), pool %d pages x %d bytes = %.1f MiB, %d adapters",
@@ -286,7 +310,8 @@ def _zeroed_pool(
     if hasattr(mmap, "MADV_HUGEPAGE"):
         # Every decode step streams each running adapter's weights out of the pool: 2 MiB pages
         # spare TLB misses and let the hardware prefetchers run past 4 KiB boundaries
-        # (docs/benchmarks.md). Only a hint; /proc/<pid>/smaps AnonHugePages shows it took.
+        # (the git history of docs/benchmarks.md). Only a hint; /proc/<pid>/smaps
+        # AnonHugePages shows it took.
         try:
             buf.madvise(mmap.MADV_HUGEPAGE)
         except OSError as e:

@@ -1,4 +1,5 @@
-"""`LLM`: the offline Python API. `LLM(model=DIR, adapters={...}).generate(prompts, params)`."""
+"""`LLM`: the offline Python API. `LLM(model=DIR, adapters={...}).generate(prompts, params)`;
+`adapter_dir=DIR` registers every adapter folder under DIR (named after its folder)."""
 
 from __future__ import annotations
 
@@ -27,14 +28,21 @@ class RequestOutput:
 
 class LLM:
     """Offline batch generation. Keyword arguments are `EngineConfig` fields; `adapters` maps
-    adapter names to PEFT directories."""
+    adapter names to PEFT directories; `adapter_dir` is a directory of adapter folders, each
+    registered under its folder's name (bad ones skipped with a warning)."""
 
-    def __init__(self, model: str | None = None, adapters: dict[str, str] | None = None, **kw):
+    def __init__(
+        self,
+        model: str | None = None,
+        adapters: dict[str, str] | None = None,
+        adapter_dir: str | None = None,
+        **kw,
+    ):
         names = {f.name for f in fields(EngineConfig)}
         unknown = set(kw) - names
         if unknown:
             raise TypeError(f"unknown LLM options {sorted(unknown)}; valid: {sorted(names)}")
-        self.engine = Engine(EngineConfig(model=model, **kw), adapters)
+        self.engine = Engine(EngineConfig(model=model, **kw), adapters, adapter_dir)
         self._ids = itertools.count()
 
     def generate(

@@ -147,9 +147,15 @@ class Runner:
         cached = self._records.get(uid)
         if cached is not None and cached[0] is views:
             return cached[1]
-        if len(self._records) > 2 * len(self.adapters.host) + 64:  # forget removed adapters
-            self._records = {u: r for u, r in self._records.items() if u in self.adapters.host}
         records = adapter_records(views)
+        if not self.adapters.lasting_views(uid, views):
+            # Scattered pages: the views are a gathered copy of the weights, fresh every step;
+            # keeping them would hold a second host copy of every adapter ever used.
+            self._records.pop(uid, None)
+            return records
+        store = self.adapters.store
+        if len(self._records) > 2 * store.num_resident + 64:  # forget evicted adapters
+            self._records = {u: r for u, r in self._records.items() if store.is_resident(u)}
         self._records[uid] = (views, records)
         return records
 

@@ -46,6 +46,8 @@ class AdapterStore:
         # Pages of resident, idle (refcount 0), unpinned adapters: kept up to date on every
         # change so that admission asks "how much could be evicted?" in O(1).
         self._idle_pages = 0
+        # Pages of pinned adapters (pinned implies resident), for the per-request check in O(1).
+        self._pinned_pages = 0
 
     # -- registry ---------------------------------------------------------------------------
 
@@ -165,6 +167,8 @@ class AdapterStore:
         e = self._get(uid)
         before = self._idle(e)
         loaded = self._ensure_resident(uid, e)
+        if not e.pinned:
+            self._pinned_pages += e.num_pages
         e.pinned = True
         self._idle_pages += self._idle(e) - before
         self._lru.move_to_end(uid)
@@ -177,6 +181,7 @@ class AdapterStore:
             raise ValueError(f"adapter {uid} is not pinned")
         before = self._idle(e)
         e.pinned = False
+        self._pinned_pages -= e.num_pages
         self._idle_pages += self._idle(e) - before
 
     def evictable_pages(self, exclude: int | None = None) -> int:
@@ -186,12 +191,10 @@ class AdapterStore:
         return self._idle_pages - (self._idle(e) if e is not None else 0)
 
     def pinned_pages(self, exclude: int | None = None) -> int:
-        """Pages held by pinned adapters other than ``exclude``: never available to anyone else."""
-        return sum(
-            e.num_pages
-            for uid, e in self._entries.items()
-            if uid != exclude and e.pinned and e.pages is not None
-        )
+        """Pages held by pinned adapters other than ``exclude``: never available to anyone else.
+        O(1) (asked once per request, whatever the number of registered adapters)."""
+        e = self._entries.get(exclude) if exclude is not None else None
+        return self._pinned_pages - (e.num_pages if e is not None and e.pinned else 0)
 
     def make_room(self, n_free: int, exclude: int | None = None) -> bool:
         """Evict idle unpinned adapters (not ``exclude``) in LRU order until
@@ -256,6 +259,11 @@ class AdapterStore:
             raise IntegrityError(
                 f"LRU has {len(self._lru)} uids but {len(resident)} adapters are resident"
             )
+        pinned = sum(e.num_pages for e in self._entries.values() if e.pinned)
+        if pinned != self._pinned_pages:
+            raise IntegrityError(
+                f"pinned-page counter says {self._pinned_pages}, pinned adapters hold {pinned}"
+            )
         idle = sum(self._idle(e) for e in self._entries.values())
         if idle != self._idle_pages:
             raise IntegrityError(
@@ -304,6 +312,8 @@ class AdapterStore:
     def _drop(self, uid: int, e: _Entry) -> None:
         assert e.pages is not None
         self._idle_pages -= self._idle(e)
+        if e.pinned:
+            self._pinned_pages -= e.num_pages
         self.pool.free(e.pages, "adapter", uid)
         e.pages = None
         e.pinned = False

@@ -86,7 +86,7 @@ def create_app(
         engine.model_dir,
         engine.max_model_len,
         len(ctx.names.shared),
-        sorted(ctx.names.shared),
+        _some(sorted(ctx.names.shared)),
         "open (no API keys)" if ctx.tenants.open else sorted(ctx.tenants.by_name),
         pool.num_pages,
         engine.page_bytes,
@@ -95,11 +95,24 @@ def create_app(
     return app
 
 
+def _some(names: list[str], shown: int = 8) -> str:
+    """The first few names: an --adapter-dir may hold thousands."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _register_adapters(ctx: ServerContext) -> None:
     """Adapters the engine already holds are shared; tenants' configured ones are loaded now
     (the engine thread is not running yet, so the engine is called directly)."""
     engine = ctx.engine
+    from_dir = set(engine.adapter_dir.names) if engine.adapter_dir else set()
     for info in engine.adapters.list():
+        if info.name == ctx.model_id and info.name in from_dir:  # a bad folder: skipped
+            logger.warning(
+                "adapter dir: skipped folder %r: it has the base model's name", info.name
+            )
+            engine.remove_adapter(info.name)
+            continue
         if info.name == ctx.model_id:
             raise ValueError(f"adapter '{info.name}' has the base model's name")
         ctx.names.reserve(None, info.name).info = info

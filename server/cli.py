@@ -56,7 +56,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     tenants = Tenants.from_options(args.tenants, args.api_key)
 
     def build():
-        engine = Engine(engine_cli.engine_config(args), engine_cli.parse_adapters(args.adapter))
+        engine = Engine(
+            engine_cli.engine_config(args),
+            engine_cli.parse_adapters(args.adapter),
+            adapter_dir=args.adapter_dir,
+        )
         return create_app(
             engine,
             tenants=tenants,
@@ -112,19 +116,44 @@ def _make_server(config, aengine):
     return Server(config)
 
 
-def add_serve_command(sub: argparse._SubParsersAction) -> None:
+def add_outer_commands(
+    sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction
+) -> None:
+    """`serve`, and `bench serve` (the load-test suite's, given the engine pieces it needs)."""
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
+    from loraplex.loadtests import bench_serve
+
+    bench = bench_sub.add_parser(
+        "serve", help="replay workloads through servers, sweep adapters or rates, plot"
+    )
+    engine_cli.add_engine_args(bench)
+    bench_serve.add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench_serve)
+
+
+def _cmd_bench_serve(args: argparse.Namespace) -> int:
+    from loraplex.engine import bench_sweep
+    from loraplex.loadtests import bench_serve
+
+    side = bench_serve.EngineSide(
+        serve_flags=engine_cli.serve_flags,
+        sweep_assets=bench_sweep.sweep_assets,
+        peft_trace=bench_sweep.peft_trace,
+    )
+    return bench_serve.main(args, side)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    return engine_cli.build_parser(add_serve_command)
+    return engine_cli.build_parser(add_outer_commands)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`loraplex`: the engine's commands (generate, bench) plus `serve`."""
-    return engine_cli.main(argv, add_serve_command)
+    """`loraplex`: the engine's commands (generate, bench throughput), `serve` and
+    `bench serve`."""
+    return engine_cli.main(argv, add_outer_commands)
 
 
 if __name__ == "__main__":

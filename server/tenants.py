@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 import time
 from dataclasses import dataclass, field
 
@@ -26,7 +25,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from loraplex.engine.adapter_dir import ADAPTER_NAME_RE
+
+NAME_RE = ADAPTER_NAME_RE  # one rule for every adapter name (engine/adapter_dir.py)
 TENANT_KEYS = {"name", "api_keys", "admin", "adapters"}
 
 

@@ -76,7 +76,7 @@ def test_serve_process_sigterm_drains(tmp_path):
             proc.wait()
     text = Path(log.name).read_text()
     assert f"listening on http://127.0.0.1:{port}" in text
-    assert "pool" in text and "shared adapters ['a']" in text and "model" in text
+    assert "pool" in text and "1 shared adapters a;" in text and "model" in text
 
 
 def test_serve_refuses_bad_options(tmp_path):
