@@ -1,6 +1,7 @@
 """What `loraplex bench serve` takes from the engine side: the benchmark model with N cached
-adapters laid out as an `--adapter-dir`, and HF PEFT run on a trace's requests (the baseline
-S-LoRA measured: requests grouped by adapter into static batches).
+adapters laid out as an `--adapter-dir`, and the two baselines run on a trace's requests: HF
+PEFT (S-LoRA's: requests grouped by adapter into static batches) and our own engine offline
+(`offline_trace`: the same trace without HTTP).
 
 Contracts:
 - `sweep_assets(n, ranks)` returns (model_dir, adapter_dir): the bench model of
@@ -152,4 +153,42 @@ def peft_trace(
         "requests": len(requests),
         "batches": len(batches),
         "adapters": len(used),
+    }
+
+
+def offline_trace(
+    args,
+    model_dir: str,
+    adapter_dir: str | None,
+    requests: list[tuple[list[int], str | None, int]],
+    max_num_seqs: int | None = None,
+) -> dict:
+    """{"wall_s", "output_tokens", "requests"} for our engine run offline (`LLM.generate`, all
+    requests submitted at once, continuous batching) on `requests`, with the engine options
+    parsed into `args` and the server's model and adapters: what the same trace costs without
+    HTTP. `max_num_seqs` caps the batch as a closed loop's concurrency caps the server's (else
+    the engine option). Arrival times are ignored. Two short untimed requests warm it up."""
+    import dataclasses
+
+    from loraplex.engine.cli import engine_config, parse_adapters
+    from loraplex.engine.llm import LLM
+    from loraplex.scheduler.sequence import SamplingParams
+
+    config = dataclasses.replace(engine_config(args), model=model_dir)
+    if max_num_seqs is not None:
+        config = dataclasses.replace(config, max_num_seqs=max_num_seqs)
+    adapters = parse_adapters(args.adapter) or None
+    llm = LLM(**dataclasses.asdict(config), adapters=adapters, adapter_dir=adapter_dir)
+    prompts = [p for p, _, _ in requests]
+    names = [a for _, a, _ in requests]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for *_, n in requests]
+    warm = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts[:2], warm, names[:2])
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, names)
+    wall = time.perf_counter() - t0
+    return {
+        "wall_s": wall,
+        "output_tokens": sum(len(o.token_ids) for o in outs),
+        "requests": len(outs),
     }

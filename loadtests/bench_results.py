@@ -39,6 +39,8 @@ COLUMNS = (
     ("adapter loads", "adapter_loads", None, "{:.0f}"),
     ("evictions", "adapter_evictions", None, "{:.0f}"),
     ("client cores", "client_cores", 1, "{:.3f}"),
+    ("server cores", "server_cores", 1, "{:.2f}"),
+    ("other load", "other_load", 1, "{:.2f}"),
 )
 
 

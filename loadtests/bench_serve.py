@@ -14,13 +14,14 @@ concurrency, or `--rates` at one number of adapters):
    evictions from the server's `/metrics`, and the CPU this process used (the load generator's
    own cost) by `CpuMeter`;
 4. side by side, the same trace against `--compare-url` (any OpenAI-compatible server serving
-   the same adapter names) and, with `--baseline peft`, through HF PEFT on grouped static
-   batches (the engine side; points with at most `--peft-max-adapters` adapters).
+   the same adapter names) and, with `--baseline peft,offline`, through HF PEFT on grouped
+   static batches (points with at most `--peft-max-adapters` adapters) and through our engine
+   offline, without HTTP (both run by the engine side, after the server stopped).
 Then `results.json`, `results.md` and PNG plots go into `--results DIR` (bench_results.py).
 Errors are counted, never fatal; exit status 1 if any request failed.
 
 loadtests imports no engine or server code: what it needs of the engine (the parsed engine
-options as `serve` flags, the sweep's assets, the PEFT baseline) comes in as `EngineSide`
+options as `serve` flags, the sweep's assets, the two baselines) comes in as `EngineSide`
 from the `loraplex` command that composes the CLI.
 """
 
@@ -40,10 +41,11 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+from loraplex.loadtests.bench_options import sweep_points, workload_spec
 from loraplex.loadtests.bench_results import write_results
 from loraplex.loadtests.server_process import CpuMeter, ServerProcess
 from loraplex.loadtests.stream_client import replay, slo_attainment, summarize
-from loraplex.loadtests.workloads import Trace, WorkloadSpec, make_trace
+from loraplex.loadtests.workloads import Trace, make_trace
 
 logger = logging.getLogger(__name__)
 
@@ -57,98 +59,7 @@ class EngineSide:
     serve_flags: Callable[[argparse.Namespace], list[str]]  # parsed engine options -> flags
     sweep_assets: Callable[[int, list[int]], tuple[str, str]]  # n, ranks -> (model, adapter dir)
     peft_trace: Callable[..., dict]  # engine/bench_sweep.py:peft_trace
-
-
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
-
-
-def _length(text: str) -> tuple[int, int]:
-    """ "128" (fixed) or "8:512" (uniform in [8, 512))."""
-    lo, sep, hi = text.partition(":")
-    return (int(lo), int(hi)) if sep else (int(lo), int(lo))
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("bench serve")
-    g.add_argument("--url", default=None, help="a running server to load (default: start one)")
-    g.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY"))
-    g.add_argument(
-        "--num-adapters",
-        type=_ints,
-        default=[8],
-        metavar="N[,N...]",
-        help="sweep over the number of distinct adapters (e.g. 1,8,64,512,2048)",
-    )
-    g.add_argument(
-        "--rates",
-        type=_floats,
-        default=None,
-        metavar="R[,R...]",
-        help="sweep over request rates (gamma arrivals) at one --num-adapters",
-    )
-    g.add_argument(
-        "--ranks",
-        type=_ints,
-        default=[8, 16],
-        metavar="R[,R...]",
-        help="ranks of the generated adapters, cycled (all seven modules)",
-    )
-    w = p.add_argument_group("workload")
-    w.add_argument("--trace", default=None, help="replay this JSONL trace (workloads.Trace)")
-    w.add_argument("--num-requests", type=int, default=256)
-    w.add_argument("--concurrency", type=int, default=16, help="closed-loop users")
-    w.add_argument(
-        "--rate",
-        type=float,
-        default=None,
-        help="requests/s with gamma arrivals (default: closed loop)",
-    )
-    w.add_argument("--cv", type=float, default=1.0, help="gamma arrivals' CV (1 = Poisson)")
-    w.add_argument("--popularity", choices=("uniform", "power", "zipf"), default="uniform")
-    w.add_argument("--alpha", type=float, default=1.0, help="power law: 1 uniform, <1 skewed")
-    w.add_argument("--zipf-s", type=float, default=1.1)
-    w.add_argument("--base-share", type=float, default=0.0, help="share of base-only requests")
-    w.add_argument("--prompt-len", type=_length, default=(64, 64), metavar="N|LO:HI")
-    w.add_argument("--output-len", type=_length, default=(64, 64), metavar="N|LO:HI")
-    w.add_argument(
-        "--vocab-size",
-        type=int,
-        default=None,
-        help="prompt token ids < this (default: the model's config.json)",
-    )
-    w.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
-    w.add_argument("--seed", type=int, default=0)
-    w.add_argument("--warmup", type=int, default=8, help="untimed requests per point")
-    c = p.add_argument_group("comparison and report")
-    c.add_argument("--baseline", choices=("none", "peft"), default="none")
-    c.add_argument("--peft-max-adapters", type=int, default=64)
-    c.add_argument("--compare-url", default=None, help="another OpenAI-compatible server")
-    c.add_argument("--compare-name", default="other")
-    c.add_argument("--compare-api-key", default=None)
-    c.add_argument("--ttft-slo", type=float, default=6.0, help="seconds (S-LoRA: 6)")
-    c.add_argument("--results", default="bench-results", help="directory for JSON, MD, PNGs")
-    c.add_argument("--port", type=int, default=0, help="port of the started server (0: free)")
-
-
-def _check(args) -> list[tuple[int, float | None]]:
-    """The sweep's points (num_adapters, rate); ValueError naming a bad option."""
-    for name in ("num_requests", "concurrency"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.num_adapters or min(args.num_adapters) < 0:
-        raise ValueError("--num-adapters: non-negative integers, e.g. 1,8,64")
-    if args.rates is not None:
-        if len(args.num_adapters) != 1:
-            raise ValueError("--rates sweeps at one --num-adapters; give a single value")
-        if not args.rates or min(args.rates) <= 0:
-            raise ValueError("--rates: positive numbers of requests per second")
-        return [(args.num_adapters[0], r) for r in args.rates]
-    return [(n, args.rate) for n in args.num_adapters]
+    offline_trace: Callable[..., dict]  # engine/bench_sweep.py:offline_trace
 
 
 def _exe() -> str:
@@ -181,23 +92,6 @@ def _counters(url: str, key: str | None) -> dict[str, float]:
         if name in ADAPTER_COUNTERS:
             out[name.removeprefix("loraplex_adapter_").removesuffix("_total")] = float(value)
     return out
-
-
-def _spec(args, rate: float | None) -> WorkloadSpec:
-    return WorkloadSpec(
-        num_requests=args.num_requests,
-        arrival="gamma" if rate is not None else "closed",
-        rate=rate,
-        cv=args.cv,
-        concurrency=args.concurrency,
-        popularity=args.popularity,
-        alpha=args.alpha,
-        zipf_s=args.zipf_s,
-        base_share=args.base_share,
-        prompt_len=args.prompt_len,
-        output_len=args.output_len,
-        seed=args.seed,
-    )
 
 
 def _vocab(args, model_dir: str | None) -> int:
@@ -248,6 +142,8 @@ def _row(system: str, n: int, rate, wall, results, cpu: CpuMeter, args) -> dict:
     row["output_tokens"] = sum(r.completion_tokens for r in results if r.error is None)
     row["slo_attainment"] = slo_attainment(results, args.ttft_slo)
     row["client_cores"] = cpu.own_cores
+    row["server_cores"] = cpu.server_cores if cpu.server_pid != os.getpid() else None
+    row["other_load"] = cpu.other_load  # cores busy elsewhere: noise
     row["ttft_values"] = [r.ttft for r in results if r.error is None and r.t_first is not None]
     row["first_errors"] = sorted({r.error for r in results if r.error})[:5]
     return row
@@ -286,7 +182,7 @@ def run_point(args, engine: EngineSide, n: int, rate: float | None, out: Path) -
         if args.trace:
             trace = Trace.load(args.trace)
         else:
-            trace = make_trace(_spec(args, rate), listed[:n], _vocab(args, model_dir))
+            trace = make_trace(workload_spec(args, rate), listed[:n], _vocab(args, model_dir))
         trace.save(out / f"trace-{label}.jsonl")
         before = _counters(url, args.api_key)
         wall, results, cpu = _replay(
@@ -312,32 +208,41 @@ def run_point(args, engine: EngineSide, n: int, rate: float | None, out: Path) -
             curl, args.compare_api_key, trace, cbase, args, f"{args.compare_name} {label}", None
         )
         rows.append(_row(args.compare_name, n, rate, wall, results, cpu, args))
-    if args.baseline == "peft" and n <= args.peft_max_adapters and model_dir:
-        reqs = [(r.prompt, r.adapter, r.output_len) for r in trace.requests]
-        p = engine.peft_trace(
-            model_dir,
-            _local_adapters(args, adapter_dir),
-            reqs,
-            batch_size=args.concurrency,
-            dtype=args.dtype,
-            device=args.device,
-        )
-        rows.append(
-            {
-                "system": "peft",
-                "num_adapters": n,
-                "rate": rate,
-                "requests": p["requests"],
-                "errors": 0,
-                "req_per_s": p["requests"] / p["wall_s"],
-                "output_tok_per_s": p["output_tokens"] / p["wall_s"],
-            }
-        )
+    if model_dir:
+        rows += _baselines(args, engine, n, rate, model_dir, adapter_dir, trace)
     return rows
 
 
+def _baselines(args, engine: EngineSide, n, rate, model_dir, adapter_dir, trace) -> list[dict]:
+    """The trace's rows through HF PEFT and our engine offline, as `--baseline` asks. Offline,
+    a closed loop's concurrency caps the batch as it caps the server's."""
+    reqs = [(r.prompt, r.adapter, r.output_len) for r in trace.requests]
+    cap = trace.spec.concurrency if trace.spec.arrival == "closed" else None
+    runs = []
+    if "peft" in args.baseline and n <= args.peft_max_adapters:
+        adapters = _local_adapters(args, adapter_dir)
+        runs.append(("peft", engine.peft_trace(model_dir, adapters, reqs,
+                                               batch_size=args.concurrency, dtype=args.dtype,
+                                               device=args.device)))  # fmt: skip
+    if "offline" in args.baseline:
+        runs.append(("offline", engine.offline_trace(args, model_dir, adapter_dir, reqs, cap)))
+    return [
+        {
+            "system": system,
+            "num_adapters": n,
+            "rate": rate,
+            "requests": r["requests"],
+            "errors": 0,
+            "req_per_s": r["requests"] / r["wall_s"],
+            "output_tok_per_s": r["output_tokens"] / r["wall_s"],
+            "output_tokens": r["output_tokens"],
+        }
+        for system, r in runs
+    ]
+
+
 def main(args: argparse.Namespace, engine: EngineSide) -> int:
-    points = _check(args)
+    points = sweep_points(args)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     rows = []

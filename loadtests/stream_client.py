@@ -1,17 +1,15 @@
-"""Streaming OpenAI-API clients for the load tests: one streamed request, a fixed closed-loop run
-(`run_streamed`), the replay of a workload trace (`replay`), and the latency statistics.
+"""Streaming OpenAI-API clients for the load tests: one streamed request (`stream_one`), the
+replay of a workload trace (`replay`), and the latency statistics (`summarize`).
 
 Contracts:
-- `run_streamed(...)` sends every request as a streamed `POST /v1/completions` (greedy,
-  `ignore_eos`, `max_tokens`), `concurrency` at a time (closed loop: each client sends its next
-  request when the previous stream ends), and returns the wall time of the whole run and one
-  `StreamResult` per request, in request order. Output tokens are counted exactly from the
-  final `usage` chunk (`stream_options.include_usage`); with `logprobs=True` the per-token
-  strings and log-probabilities are collected too. Any non-200 answer, error event or missing
-  usage raises `StreamError`. The clients are aiohttp's (C HTTP parser): on a small machine the
-  load generator shares the server's cores, and httpx took 2.5x the CPU per streamed chunk
-  (docs/benchmarks.md).
-- `replay(base_url, trace, ...)` sends a `workloads.Trace` the same way (greedy, `ignore_eos`,
+- `stream_one(...)` sends one streamed request and parses its server-sent events as they
+  arrive. Output tokens are counted exactly from the final `usage` chunk
+  (`stream_options.include_usage`); with `logprobs` in the body the per-token strings and
+  log-probabilities are collected too. A non-200 answer, an error event or a stream cut before
+  `[DONE]` raises `StreamError`. The clients are aiohttp's (C HTTP parser): on a small machine
+  the load generator shares the server's cores, and httpx took 2.5x the CPU per streamed chunk
+  (measured 2026-11; the git history of docs/benchmarks.md has the runs).
+- `replay(base_url, trace, ...)` sends a `workloads.Trace` (greedy, `ignore_eos`,
   `max_tokens = output_len`, usage chunk), as completions with the token-id prompt or, with
   `chat=True`, as chat completions whose one user message is the prompt's ids as text
   ("12 7 391 ..."; no tokenizer here, so a chat prompt's length in tokens is the server's
@@ -70,13 +68,6 @@ class StreamResult:
     def e2e(self) -> float:
         """Seconds from sending the request to the end of its stream (or its failure)."""
         return self.t_end - self.t_start
-
-    @property
-    def tpot(self) -> float | None:
-        """Mean time per output token after the first (None for a single token)."""
-        if self.completion_tokens < 2:
-            return None
-        return (self.chunk_times[-1] - self.t_first) / (self.completion_tokens - 1)
 
     @property
     def itls(self) -> list[float]:
@@ -198,37 +189,6 @@ def _timeout() -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, sock_connect=10.0, sock_read=600.0)
 
 
-async def run_streamed(
-    base_url: str,
-    prompts: list[list[int]],
-    models: list[str],
-    max_tokens: int,
-    concurrency: int,
-    logprobs: bool = False,
-    headers: dict | None = None,
-) -> tuple[float, list[StreamResult]]:
-    """(wall seconds, results in request order); see the module docstring."""
-    results: list[StreamResult | None] = [None] * len(prompts)
-    todo = iter(range(len(prompts)))
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for i in todo:  # a shared iterator: each index is taken by exactly one worker
-            body = completion_body(models[i], prompts[i], max_tokens, logprobs)
-            results[i] = await stream_one(session, i, body, headers)
-
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(base_url, connector=connector, timeout=_timeout()) as session:
-        t0 = time.perf_counter()
-        tasks = [asyncio.ensure_future(worker(session)) for _ in range(concurrency)]
-        try:
-            await asyncio.gather(*tasks)
-        finally:
-            for t in tasks:
-                t.cancel()
-        wall = time.perf_counter() - t0
-    return wall, results  # type: ignore[return-value]
-
-
 async def replay(
     base_url: str,
     trace: Trace,
@@ -301,20 +261,6 @@ def percentile(values: list[float], q: float) -> float | None:
     lo = int(pos)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-
-def latency_summary(results: list[StreamResult]) -> dict:
-    """TTFT p50/p90, ITL p50/p90 (gaps between streamed chunks), TPOT p50, in seconds."""
-    ttft = [r.ttft for r in results]
-    itl = [gap for r in results for gap in r.itls]
-    tpot = [r.tpot for r in results if r.tpot is not None]
-    return {
-        "ttft_p50": percentile(ttft, 50),
-        "ttft_p90": percentile(ttft, 90),
-        "itl_p50": percentile(itl, 50),
-        "itl_p90": percentile(itl, 90),
-        "tpot_p50": percentile(tpot, 50),
-    }
 
 
 def _stats(prefix: str, values: list[float]) -> dict:

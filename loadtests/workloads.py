@@ -1,11 +1,7 @@
-"""Workloads for the load tests: the offline benchmark's fixed requests, and seeded synthetic
-workloads (arrivals, adapter popularity, lengths) replayable as JSONL traces.
+"""Workloads for the load tests: seeded synthetic workloads (arrivals, adapter popularity,
+lengths) replayable as JSONL traces.
 
 Contracts:
-- `bench_prompts(n, prompt_len, vocab_size, seed)` returns exactly the token-id prompts that
-  `loraplex bench throughput` generates for the same arguments (torch.randint over
-  [4, vocab) with a CPU generator seeded `seed`; [0, vocab) for vocabularies of 64 or less).
-  Request i of that benchmark uses adapter `names[i % len(names)]`.
 - `make_trace(spec, adapters, vocab_size)` is a pure function of its arguments (numpy
   `default_rng`). Each aspect draws from its own child of `SeedSequence(spec.seed)`: arrivals,
   base-model choice, adapter index, prompt lengths, output lengths, prompt tokens. So two specs
@@ -43,21 +39,6 @@ logger = logging.getLogger(__name__)
 ARRIVALS = ("closed", "gamma")
 POPULARITY = ("uniform", "power", "zipf")
 TRACE_VERSION = 1
-
-
-def bench_prompts(num_requests: int, prompt_len: int, vocab_size: int, seed: int) -> list:
-    """The offline benchmark's prompts (see the module docstring)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    low = 4 if vocab_size > 64 else 0  # the bench skips the demo tokenizer's special tokens
-    shape = (num_requests, prompt_len)
-    return torch.randint(low, vocab_size, shape, generator=gen).tolist()
-
-
-def adapter_names(names: list[str], num_requests: int) -> list[str | None]:
-    """Request i uses names[i % K]; without adapters every request goes to the base model."""
-    return [names[i % len(names)] if names else None for i in range(num_requests)]
 
 
 def _is_int(v) -> bool:

@@ -124,13 +124,13 @@ def add_outer_commands(
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
 
-    from loraplex.loadtests import bench_serve
+    from loraplex.loadtests import bench_options
 
     bench = bench_sub.add_parser(
         "serve", help="replay workloads through servers, sweep adapters or rates, plot"
     )
     engine_cli.add_engine_args(bench)
-    bench_serve.add_arguments(bench)
+    bench_options.add_arguments(bench)
     bench.set_defaults(func=_cmd_bench_serve)
 
 
@@ -142,6 +142,7 @@ def _cmd_bench_serve(args: argparse.Namespace) -> int:
         serve_flags=engine_cli.serve_flags,
         sweep_assets=bench_sweep.sweep_assets,
         peft_trace=bench_sweep.peft_trace,
+        offline_trace=bench_sweep.offline_trace,
     )
     return bench_serve.main(args, side)
 

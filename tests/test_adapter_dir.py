@@ -262,20 +262,24 @@ def test_bench_uses_the_first_registered_adapters(tiny, tmp_path):
     assert list(setup["adapters"]) == GOOD
 
 
-def test_no_second_host_copy_of_scattered_adapters(tiny, monkeypatch):
-    """Adapters on scattered pages are gathered into a fresh copy each step: the runner must not
-    keep those copies (it once cached one per adapter ever used, doubling host memory)."""
+def test_scattered_adapters_are_read_in_place_from_the_host_blob(tiny, monkeypatch):
+    """On the CPU an adapter on scattered pool pages is read from its host blob, in place: no
+    gathered copy each step, none kept (the runner once cached one per adapter ever used,
+    doubling host memory, and the copies cost 0.7x throughput with 2048 adapters)."""
     engine = _llm(tiny).engine
     monkeypatch.setattr(engine.store, "is_contiguous", lambda uid: False)  # all scattered
     for i, name in enumerate(GOOD * 2):
         engine.add_request(f"r{i}", PROMPTS[i % 3], GREEDY, name)
     while engine.has_unfinished():
         engine.step()
-    pool = engine.pool_tensor.untyped_storage().data_ptr()
-    for views, _ in engine.runner._records.values():
+        engine.check_integrity()
+    host = engine.adapters.host
+    assert engine.runner._records
+    for uid, (views, _) in engine.runner._records.items():
         group = next(iter(views[0].values()))
-        assert group.a_t.untyped_storage().data_ptr() == pool
-    assert not engine.adapters._views  # scattered: nothing cached
+        ptr = host[uid].blob.untyped_storage().data_ptr()
+        assert group.a_t.untyped_storage().data_ptr() == ptr
+    assert set(engine.adapters._views) <= {u for u in host if engine.store.is_resident(u)}
 
 
 def test_server_skips_a_folder_named_like_the_base_model(tiny, tmp_path, caplog):

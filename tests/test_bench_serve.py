@@ -80,7 +80,7 @@ def test_adapter_sweep_with_peft_writes_json_markdown_and_plots(tiny, tmp_path):
             "--warmup",
             "2",
             "--baseline",
-            "peft",
+            "peft,offline",
             "--pool-bytes",
             str(8 << 20),
             "--results",
@@ -92,8 +92,10 @@ def test_adapter_sweep_with_peft_writes_json_markdown_and_plots(tiny, tmp_path):
     assert [(r["system"], r["num_adapters"]) for r in rows] == [
         ("loraplex", 1),
         ("peft", 1),
+        ("offline", 1),
         ("loraplex", 3),
         ("peft", 3),
+        ("offline", 3),
     ]
     traces = {
         n: [json.loads(x) for x in (out / f"trace-n{n}.jsonl").read_text().splitlines()]
@@ -102,9 +104,10 @@ def test_adapter_sweep_with_peft_writes_json_markdown_and_plots(tiny, tmp_path):
     for r in rows:
         assert r["requests"] == 6 and r["errors"] == 0
         assert r["output_tok_per_s"] > 0
-    for r in (rows[0], rows[2]):
+    for r in (rows[0], rows[2], rows[3], rows[5]):  # loraplex and offline: tokens counted
         want = sum(q["output_len"] for q in traces[r["num_adapters"]][1:])
         assert r["output_tokens"] == want
+    for r in (rows[0], rows[3]):
         assert len(r["ttft_values"]) == 6 and 0 <= r["slo_attainment"] <= 1
         assert r["client_cores"] >= 0
     used = {q["adapter"] for q in traces[3][1:]}
@@ -112,6 +115,7 @@ def test_adapter_sweep_with_peft_writes_json_markdown_and_plots(tiny, tmp_path):
     assert {q["adapter"] for q in traces[1][1:]} == {"ad0"}
     md = (out / "results.md").read_text()
     assert "| loraplex | 3 |" in md and "loraplex / peft (n=3)" in md and "n=3 / n=1" in md
+    assert "loraplex / offline (n=3)" in md
     for name in ("throughput_vs_adapters.png", "ttft_cdf.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert "output tok/s" in proc.stdout  # the table is printed too
@@ -156,6 +160,8 @@ def test_bad_sweeps_are_refused_with_the_option_named(tmp_path):
     assert proc.returncode != 0 and "--rates sweeps at one --num-adapters" in proc.stderr
     proc = _run(["--num-requests", "0", "--results", str(tmp_path)])
     assert proc.returncode != 0 and "--num-requests must be >= 1" in proc.stderr
+    proc = _run(["--baseline", "peft,vllm", "--results", str(tmp_path)])
+    assert proc.returncode == 2 and "unknown baseline 'vllm'" in proc.stderr
 
 
 def test_serve_flags_carry_exactly_the_changed_engine_options():
@@ -231,3 +237,31 @@ def test_report_ratios_against_n64_and_between_systems():
     assert "loraplex / peft (n=8): 4.00x" in lines
     table = format_table(rows).splitlines()
     assert len(table) == 2 + len(rows) and "| peft | 8 | closed loop |" in table[3]
+
+
+def test_running_server_and_compare_url_side_by_side(tiny, tmp_path):
+    """`--url` loads a server that is already running; `--compare-url` replays the same trace
+    against another OpenAI-compatible server (here a second name for the same one)."""
+    from loraplex.loadtests.server_process import ServerProcess
+
+    out = tmp_path / "res"
+    flags = ["--model", tiny["model"], "--adapter-dir", tiny["adapter_dir"],
+             "--pool-bytes", str(8 << 20)]  # fmt: skip
+    with ServerProcess(LORAPLEX, flags, 0, str(tmp_path)) as server:
+        proc = _run(["--url", server.url, "--compare-url", server.url, "--compare-name", "twin",
+                     "--num-adapters", "2", "--num-requests", "4", "--concurrency", "2",
+                     "--prompt-len", "5", "--output-len", "3", "--warmup", "1",
+                     "--results", str(out)])  # fmt: skip
+        needs_vocab = proc.returncode != 0 and "--vocab-size" in proc.stderr
+        assert needs_vocab, proc.stderr[-2000:]  # a remote model's vocabulary is not known
+        proc = _run(["--url", server.url, "--compare-url", server.url, "--compare-name", "twin",
+                     "--num-adapters", "2", "--num-requests", "4", "--concurrency", "2",
+                     "--prompt-len", "5", "--output-len", "3", "--warmup", "1",
+                     "--vocab-size", "300", "--results", str(out)])  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [(r["system"], r["num_adapters"], r["errors"]) for r in rows] == [
+        ("target", 2, 0), ("twin", 2, 0)
+    ]  # fmt: skip
+    assert rows[0]["output_tokens"] == rows[1]["output_tokens"] == 12
+    assert "target / twin (n=2)" in (out / "results.md").read_text()

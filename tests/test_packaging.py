@@ -87,7 +87,7 @@ def test_repo_root_does_not_shadow_installed_packages():
 
 
 def test_python_dash_m_entry_points():
-    for module in ("loraplex.server", "loraplex.loadtests.http_bench"):
+    for module in ("loraplex.server", "loraplex.loadtests.locust_run"):
         proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT,
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 0, f"{module}: {proc.stderr[-2000:]}"
