@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from loraplex.engine.loader import ModelSpec, load_adapter
+from loraplex.engine.adapter_loader import load_adapter
+from loraplex.engine.loader import ModelSpec
 from loraplex.kernels.lora import GroupViews, LoRALayout, blob_views, lora_layout, pack_blob
 from loraplex.memory.adapter_store import AdapterStore
 

@@ -173,6 +173,13 @@ def build_parser(
     gen.add_argument("--output", default=None, help="JSONL output (default: stdout)")
     gen.set_defaults(func=cmd_generate)
 
+    from loraplex.engine import finetune_cli
+
+    ft = sub.add_parser("finetune", help="train a LoRA adapter on a JSONL file")
+    add_engine_args(ft)
+    finetune_cli.add_arguments(ft)
+    ft.set_defaults(func=finetune_cli.cmd_finetune)
+
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     thr = bench_sub.add_parser("throughput", help="offline throughput, beside HF PEFT")

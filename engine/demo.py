@@ -8,7 +8,6 @@ PEFT file format (checked in the tests against `peft` itself) without importing 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec, module_path
+from loraplex.engine.adapter_writer import write_peft_adapter
+from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -227,40 +226,15 @@ def make_adapter(
     if len(targets) != len(set(target_modules)):
         raise ValueError(f"target_modules must be a subset of {MODULES}, got {target_modules}")
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
+    A, B = {}, {}
     for layer in range(spec.num_layers):
         for m in targets:
             din, dout = spec.module_dims(m)
-            prefix = f"base_model.model.{module_path(layer, m)}"
             bound = 1.0 / math.sqrt(din)
-            a = (torch.rand(rank, din, generator=gen) * 2 - 1) * bound
-            tensors[f"{prefix}.lora_A.weight"] = a
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(dout, rank, generator=gen) * 0.02
-    config = {
-        "alpha_pattern": {},
-        "base_model_name_or_path": base_model_name_or_path,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": alpha,
-        "lora_dropout": 0.0,
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": rank,
-        "rank_pattern": {},
-        "target_modules": targets,
-        "task_type": "CAUSAL_LM",
-        "use_dora": False,
-        "use_rslora": use_rslora,
-    }
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    return str(out)
+            A[layer, m] = (torch.rand(rank, din, generator=gen) * 2 - 1) * bound
+            B[layer, m] = torch.randn(dout, rank, generator=gen) * 0.02
+    return write_peft_adapter(out_dir, A, B, rank=rank, alpha=alpha, use_rslora=use_rslora,
+                              base_model_name_or_path=base_model_name_or_path)  # fmt: skip
 
 
 def ensure_demo(cache_dir: str | None = None) -> tuple[str, dict[str, str]]:

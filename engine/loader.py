@@ -287,17 +287,11 @@ def load_checkpoint(
     return out
 
 
-# Adapter loading lives in its own module; re-exported for callers that import it from here.
-from loraplex.engine.adapter_loader import AdapterError, AdapterWeights, load_adapter  # noqa: E402
-
 __all__ = [
     "MODULES",
     "SUPPORTED_ARCHITECTURES",
-    "AdapterError",
-    "AdapterWeights",
     "ModelSpec",
     "expected_checkpoint_shapes",
-    "load_adapter",
     "load_checkpoint",
     "load_model_spec",
     "module_path",

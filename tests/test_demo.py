@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.engine.adapter_loader import load_adapter
 from loraplex.engine.demo import DEMO_ADAPTERS, ensure_demo
-from loraplex.engine.loader import load_adapter, load_model_spec
+from loraplex.engine.loader import load_model_spec
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -16,15 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from loraplex.engine.adapter_loader import AdapterError, load_adapter
 from loraplex.engine.demo import make_adapter, make_checkpoint
-from loraplex.engine.loader import (
-    MODULES,
-    AdapterError,
-    load_adapter,
-    load_checkpoint,
-    load_model_spec,
-    module_path,
-)
+from loraplex.engine.loader import MODULES, load_checkpoint, load_model_spec, module_path
 
 peft = pytest.importorskip("peft")
 TINY = dict(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, num_kv_heads=2)
