@@ -33,7 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +42,7 @@ from tqdm import tqdm
 
 from loraplex.loadtests.bench_options import sweep_points, workload_spec
 from loraplex.loadtests.bench_results import write_results
-from loraplex.loadtests.server_process import CpuMeter, ServerProcess
+from loraplex.loadtests.server_process import CpuMeter, ServerProcess, loraplex_exe
 from loraplex.loadtests.stream_client import replay, slo_attainment, summarize
 from loraplex.loadtests.workloads import Trace, make_trace
 
@@ -60,14 +59,6 @@ class EngineSide:
     sweep_assets: Callable[[int, list[int]], tuple[str, str]]  # n, ranks -> (model, adapter dir)
     peft_trace: Callable[..., dict]  # engine/bench_sweep.py:peft_trace
     offline_trace: Callable[..., dict]  # engine/bench_sweep.py:offline_trace
-
-
-def _exe() -> str:
-    exe = str(Path(sys.executable).with_name("loraplex"))
-    exe = exe if Path(exe).is_file() else (shutil.which("loraplex") or "")
-    if not exe:
-        raise SystemExit("bench serve: no `loraplex` executable found (pip install -e .)")
-    return exe
 
 
 def _headers(key: str | None) -> dict:
@@ -171,7 +162,7 @@ def run_point(args, engine: EngineSide, n: int, rate: float | None, out: Path) -
         if not (args.model or args.adapter or adapter_dir):
             model_dir, adapter_dir = engine.sweep_assets(n, args.ranks)
             flags += ["--model", model_dir, "--adapter-dir", adapter_dir]
-    server = None if args.url else ServerProcess(_exe(), flags, args.port, str(out))
+    server = None if args.url else ServerProcess(loraplex_exe(), flags, args.port, str(out))
     try:
         url = server.__enter__().url if server else args.url.rstrip("/")
         base_id, listed = _listed(url, args.api_key)

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from loraplex.loadtests.server_process import ServerProcess
+from loraplex.loadtests.server_process import ServerProcess, loraplex_exe
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +49,6 @@ def locust_argv(url: str, args: argparse.Namespace, extra: list[str]) -> list[st
         "-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration,
         "--csv", args.csv, *extra,
     ]  # fmt: skip
-
-
-def loraplex_exe() -> str:
-    """The `loraplex` script of this environment (next to the interpreter), else on PATH."""
-    here = Path(sys.executable).with_name("loraplex")
-    return str(here) if here.exists() else (shutil.which("loraplex") or "loraplex")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """The server side of the load tests: `loraplex` subprocesses and CPU accounting.
 
 Contracts:
-- `run_cli(argv, what)` runs a command to completion and returns its stdout (SystemExit with
-  the output's tail on failure).
+- `loraplex_exe()` is this environment's `loraplex` script (next to the interpreter, else on
+  PATH; SystemExit if there is none).
 - `ServerProcess` runs `loraplex serve` as a subprocess on 127.0.0.1 (ready once `/health`
   answers, stopped with SIGTERM); `CpuMeter` measures the CPU the client, the server and
   everything else used; `free_port()` is a free loopback port; `process_cpu_seconds(pid)` reads
@@ -14,9 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,13 +27,13 @@ import httpx
 logger = logging.getLogger(__name__)
 
 
-def run_cli(argv: list[str], what: str) -> str:
-    """Run a command to completion; its stdout. SystemExit with its output's tail on failure."""
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise SystemExit(f"{what} failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout
+def loraplex_exe() -> str:
+    """The `loraplex` script of this environment (next to the interpreter), else on PATH."""
+    here = Path(sys.executable).with_name("loraplex")
+    exe = str(here) if here.is_file() else shutil.which("loraplex")
+    if not exe:
+        raise SystemExit("no `loraplex` executable found (pip install -e .)")
+    return exe
 
 
 def free_port() -> int:
