@@ -135,7 +135,12 @@ def write_plots(out: Path, rows: list[dict], sweep: str) -> list[Path]:
     written = []
     systems = list(dict.fromkeys(r["system"] for r in rows))
 
-    def save(fig, name: str) -> None:
+    def save(fig, ax, name: str, xlabel: str, ylabel: str, title: str, legend_size=None) -> None:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=legend_size)
         fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
@@ -149,13 +154,15 @@ def write_plots(out: Path, rows: list[dict], sweep: str) -> list[Path]:
             )
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("distinct adapters")
-        ax.set_ylabel("output tokens/s")
         ax.set_ylim(bottom=0)
-        ax.set_title("Throughput against the number of adapters")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        save(fig, "throughput_vs_adapters.png")
+        save(
+            fig,
+            ax,
+            "throughput_vs_adapters.png",
+            "distinct adapters",
+            "output tokens/s",
+            "Throughput against the number of adapters",
+        )
     with_ttft = [r for r in rows if r.get("ttft_values")]
     if with_ttft:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -164,16 +171,14 @@ def write_plots(out: Path, rows: list[dict], sweep: str) -> list[Path]:
             label = f"{r['system']} n={r['num_adapters']}"
             label += f" rate {r['rate']:g}" if r["rate"] else ""
             ax.plot(v, [(i + 1) / len(v) for i in range(len(v))], label=label)
-        ax.set_xlabel("time to first token (s)")
-        ax.set_ylabel("share of requests")
-        ax.set_title("TTFT CDF")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "ttft_cdf.png")
+        save(fig, ax, "ttft_cdf.png", "time to first token (s)", "share of requests", "TTFT CDF", 7)
     if sweep == "rate":
         fig, ax = plt.subplots(figsize=(6, 4))
         for s in systems:
-            pts = sorted((r["rate"], r) for r in rows if r["system"] == s and r.get("ttft_p50"))
+            pts = sorted(
+                ((r["rate"], r) for r in rows if r["system"] == s and r.get("ttft_p50")),
+                key=lambda p: p[0],
+            )
             for key, style in (("ttft_p50", "-"), ("ttft_p99", "--"), ("e2e_p50", ":")):
                 ax.plot(
                     [p[0] for p in pts],
@@ -182,10 +187,13 @@ def write_plots(out: Path, rows: list[dict], sweep: str) -> list[Path]:
                     marker="o",
                     label=f"{s} {key.replace('_', ' ')}",
                 )
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel("seconds")
-        ax.set_title("Latency against the request rate")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        save(fig, "latency_vs_rate.png")
+        save(
+            fig,
+            ax,
+            "latency_vs_rate.png",
+            "request rate (req/s)",
+            "seconds",
+            "Latency against the request rate",
+            7,
+        )
     return written

@@ -130,15 +130,7 @@ def load_model(
         else:
             if rank is None or alpha is None or not target_modules:
                 raise ValueError("rank, alpha and target_modules are needed without init_adapter")
-            config = LoraConfig(
-                r=rank,
-                lora_alpha=alpha,
-                target_modules=list(target_modules),
-                lora_dropout=0.0,
-                use_rslora=use_rslora,
-                bias="none",
-                init_lora_weights=True,
-            )
+            config = _lora_config(rank, alpha, target_modules, use_rslora)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
                 model = get_peft_model(model, config)
@@ -150,6 +142,19 @@ def load_model(
             if param.dtype != torch.float32:
                 param.data = param.data.float()
     return model
+
+
+def _lora_config(rank, alpha, target_modules, use_rslora: bool) -> LoraConfig:
+    """PEFT's default LoRA setup for the given shape: dropout 0, no bias, default init."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        lora_dropout=0.0,
+        use_rslora=use_rslora,
+        bias="none",
+        init_lora_weights=True,
+    )
 
 
 def peft_train(
@@ -239,15 +244,7 @@ def make_nonzero_adapter(
     ~ N(0, 0.05) from a generator seeded with `seed`.
     """
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(target_modules),
-        lora_dropout=0.0,
-        use_rslora=use_rslora,
-        bias="none",
-        init_lora_weights=True,
-    )
+    config = _lora_config(rank, alpha, target_modules, use_rslora)
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.filterwarnings(
             "ignore", message=".*is_gradient_checkpointing", category=FutureWarning
