@@ -35,6 +35,10 @@ class EngineConfig:
         "auto" (triton on CUDA, cpu on the CPU where its dtype allows, else torch; falls back
         to torch, with a warning, when the kernel cannot be built or the model's attention
         shape is not one it handles).
+    finetune_*: co-served fine-tuning (engine/training_jobs.py): the most padded tokens of a
+        training micro-batch; the inter-token latency target of running requests (ms, None =
+        use `finetune_step_share`: training may add that share of each step's inference time);
+        how many jobs hold memory and train at once (the rest queue).
     """
 
     model: str | None = None
@@ -50,6 +54,10 @@ class EngineConfig:
     lora_backend: str = "auto"
     attention_backend: str = "auto"
     seed: int = 0
+    finetune_max_tokens_per_step: int = 512
+    finetune_itl_slo_ms: float | None = None
+    finetune_step_share: float = 0.25
+    finetune_max_running_jobs: int = 1
 
     def __post_init__(self) -> None:
         if self.model is not None and not os.path.isdir(self.model):
@@ -62,9 +70,16 @@ class EngineConfig:
             raise ValueError(f"pool_bytes must be positive, got {self.pool_bytes}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "starvation_steps"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_lora_rank", "starvation_steps",
+                     "finetune_max_tokens_per_step", "finetune_max_running_jobs"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune_itl_slo_ms is not None and not self.finetune_itl_slo_ms > 0:
+            raise ValueError(f"finetune_itl_slo_ms must be > 0, got {self.finetune_itl_slo_ms}")
+        if not 0 < self.finetune_step_share <= 10:
+            raise ValueError(
+                f"finetune_step_share must be in (0, 10], got {self.finetune_step_share}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
         for name, allowed in (

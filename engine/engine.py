@@ -7,69 +7,37 @@ single-threaded; a server drives `step()` from its own thread.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
+import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from loraplex.engine.adapter_dir import DirReport, register_adapter_dir, scan_adapter_dir
 from loraplex.engine.adapters import AdapterInfo, AdapterRegistry, PreparedAdapter
 from loraplex.engine.config import EngineConfig
-from loraplex.engine.loader import ModelSpec, load_checkpoint, load_model_spec
+from loraplex.engine.engine_setup import (
+    DTYPES,
+    cpu_backend,
+    default_pool_bytes,
+    load_tokenizer,
+    zeroed_pool,
+)
+from loraplex.engine.loader import load_checkpoint, load_model_spec
 from loraplex.engine.model import Model
 from loraplex.engine.runner import Runner
 from loraplex.engine.sampler import Sampler
+from loraplex.engine.trainer import FinetuneConfig
+from loraplex.engine.training_jobs import CoserveConfig, FinetuneJob, StepLoad, TrainingJobs
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.integrity import check_all
 from loraplex.memory.kv_cache import KVCacheManager
 from loraplex.memory.pool import PagePool
+from loraplex.memory.train_pages import TrainingPages
 from loraplex.scheduler.batcher import Batcher, SchedulerConfig
 from loraplex.scheduler.sequence import FinishReason, SamplingParams, Sequence, StepOutput
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CPU_POOL_FRACTION, CPU_POOL_CAP = 0.25, 4 << 30
-GPU_POOL_FRACTION = 0.90
-
-
-def default_pool_bytes(device: torch.device) -> int:
-    """Pool size when none is given: 90% of free GPU memory (after the weights), or on the CPU
-    a quarter of available memory capped at 4 GiB."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * GPU_POOL_FRACTION)
-    avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(min(avail * CPU_POOL_FRACTION, CPU_POOL_CAP))
-
-
-def _cpu_backend(config: EngineConfig, name: str, spec: ModelSpec) -> str:
-    """config.backend(name) for "lora" or "attention", checked: a "cpu" kernel must build here
-    (and attention's must handle the model's heads). auto falls back to the torch path (same
-    results, slower) with a warning; an explicit "cpu" is an error."""
-    backend = config.backend(name)
-    if backend != "cpu":
-        return backend
-    from loraplex.kernels.cpu_build import call_entry_available, cpu_kernel_error
-
-    error = cpu_kernel_error()
-    if error is None and name == "attention":
-        from loraplex.kernels.attention_cpu import decode_kernel_refusal
-
-        refusal = decode_kernel_refusal(
-            spec.num_heads, spec.num_kv_heads, spec.head_dim, DTYPES[config.dtype]
-        )
-        error = refusal and f"the decode kernel does not handle {refusal}"
-    if error is None:
-        if name == "lora":
-            call_entry_available()  # built now rather than in the first step
-        return backend
-    if getattr(config, f"{name}_backend") == "cpu":
-        raise RuntimeError(f"{name}_backend 'cpu': {error}")
-    logger.warning("using the torch %s path (slower): %s", name, error)
-    return "torch"
 
 
 @dataclass(frozen=True)
@@ -85,6 +53,9 @@ class EngineStats:
     adapters_host: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
+    pages_train: int = 0
+    finetune_running: int = 0
+    finetune_queued: int = 0
 
 
 class Engine:
@@ -118,7 +89,7 @@ class Engine:
         self.device = torch.device(config.device)
         self.dtype = DTYPES[config.dtype]
         self.spec = spec = load_model_spec(model_dir)
-        self.tokenizer = _load_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         tensors = load_checkpoint(model_dir, spec, self.dtype, self.device)
         self.max_model_len = config.max_model_len or min(spec.max_position_embeddings, 8192)
 
@@ -135,15 +106,15 @@ class Engine:
                 f"({kv_pages_one * page_bytes} bytes) plus its adapter: raise --pool-bytes or "
                 f"lower --max-model-len"
             )
-        self.pool_tensor = _zeroed_pool(num_pages, page_elems, self.dtype, self.device)
+        self.pool_tensor = zeroed_pool(num_pages, page_elems, self.dtype, self.device)
         self.pool = PagePool(num_pages)
         self.page_bytes = page_bytes
         self.kv = KVCacheManager(self.pool, config.block_size)
         self.store = AdapterStore(self.pool)
         self.adapters = AdapterRegistry(spec, self.store, self.pool_tensor, config.max_lora_rank)
 
-        lora_backend = _cpu_backend(config, "lora", spec)
-        attention_backend = _cpu_backend(config, "attention", spec)
+        lora_backend = cpu_backend(config, "lora", spec)
+        attention_backend = cpu_backend(config, "attention", spec)
         self.backends = {"lora": lora_backend, "attention": attention_backend}
         self.model = Model(
             spec, tensors, self.pool_tensor, config.block_size, self.max_model_len,
@@ -177,6 +148,17 @@ class Engine:
             self.adapter_dir = register_adapter_dir(
                 self.adapters, scanned, max_pages=num_pages - kv_pages_one
             )
+        self.train_pages = TrainingPages(self.pool)
+        tok = self.tokenizer
+        self.training = TrainingJobs(
+            self.model, self.pool_tensor, self.train_pages, self.store,
+            CoserveConfig(config.finetune_max_tokens_per_step, config.finetune_itl_slo_ms,
+                          config.finetune_step_share, config.finetune_max_running_jobs,
+                          config.max_num_batched_tokens),
+            pad_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0,
+            register=lambda name, path: self.add_adapter(name, path),
+            model_name=self.model_dir,
+        )  # fmt: skip
         self._requests: dict[str, Sequence] = {}
         logger.info(
             "engine: %s (%s, %s), pool %d pages x %d bytes = %.1f MiB, %d adapters",
@@ -252,22 +234,59 @@ class Engine:
         return seq is not None
 
     def has_unfinished(self) -> bool:
-        return self.batcher.has_unfinished()
+        """Requests queued or running, or fine-tuning jobs queued or running."""
+        return self.batcher.has_unfinished() or self.training.active
+
+    # -- fine-tuning (engine/training_jobs.py) -----------------------------------------------
+
+    def submit_finetune(
+        self,
+        job_id: str,
+        config: FinetuneConfig,
+        examples: list,
+        output_dir: str,
+        *,
+        validation: list | None = None,
+        adapter_name: str | None = None,
+        init_weights=None,
+    ) -> FinetuneJob:
+        """Queue a fine-tuning job; it trains in the engine's steps beside inference, writes
+        the adapter to `output_dir` and, with `adapter_name`, registers it for serving.
+        ValueError (nothing queued) for bad input, a name already registered or one that could
+        never fit; see TrainingJobs.submit."""
+        if adapter_name is not None and adapter_name in self.adapters.by_name:
+            raise ValueError(f"adapter name {adapter_name!r} is already registered")
+        return self.training.submit(
+            job_id, config, examples, output_dir, validation=validation,
+            adapter_name=adapter_name, init_weights=init_weights,
+        )  # fmt: skip
+
+    def cancel_finetune(self, job_id: str) -> bool:
+        return self.training.cancel(job_id)
+
+    def finetune_job(self, job_id: str) -> FinetuneJob | None:
+        return self.training.jobs.get(job_id)
 
     def get_sequence(self, request_id: str) -> Sequence | None:
         return self._requests.get(request_id)
 
     def step(self) -> list[StepOutput]:
+        """One step: inference (schedule -> prepare -> forward -> sample -> postprocess), then
+        the training work that step leaves room for (engine/training_jobs.py)."""
+        t0 = time.perf_counter()
+        outputs: list[StepOutput] = []
         batch = self.batcher.schedule()
-        if batch is None:
-            return []
-        meta, sampling = self.runner.prepare(batch)
-        logits = self.runner.forward(meta)
-        sampled = self.sampler(logits, sampling)
-        outputs = self.batcher.postprocess(batch, sampled)
-        for out in outputs:
-            if out.finished:
-                self._requests.pop(out.request_id, None)
+        if batch is not None:
+            meta, sampling = self.runner.prepare(batch)
+            logits = self.runner.forward(meta)
+            sampled = self.sampler(logits, sampling)
+            outputs = self.batcher.postprocess(batch, sampled)
+            for out in outputs:
+                if out.finished:
+                    self._requests.pop(out.request_id, None)
+        if self.training.active:
+            tokens = batch.num_tokens if batch is not None else 0
+            self.training.run(StepLoad(tokens, time.perf_counter() - t0))
         return outputs
 
     def stats(self) -> EngineStats:
@@ -282,52 +301,22 @@ class Engine:
             adapters_host=s.num_registered,
             adapter_loads=s.loads,
             adapter_evictions=s.evictions,
+            pages_train=p.pages_used("train"),
+            finetune_running=len(self.training.running()),
+            finetune_queued=len(self.training.queued()),
         )
 
     def check_integrity(self) -> None:
-        """Every page owned exactly once; KV tables and adapter residency consistent."""
-        check_all(self.pool, self.kv, self.store)
+        """Every page owned exactly once; KV tables, adapter residency and fine-tuning jobs'
+        pages consistent."""
+        check_all(self.pool, self.kv, self.store, self.train_pages)
+        self.training.check_integrity()
         running = {s.seq_id for s in self.batcher.running}
         if set(self.kv.seq_ids()) - running:
             raise AssertionError(
                 f"KV pages held by sequences that are not running: "
                 f"{sorted(set(self.kv.seq_ids()) - running)}"
             )
-
-
-def _zeroed_pool(
-    num_pages: int, page_elems: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """The pool tensor [num_pages, page_elems], all zeros (padding slots of the KV cache are read
-    before being masked, so they must never hold NaN). On the CPU it is backed by an anonymous
-    mmap: the kernel hands out zero pages on first touch, so a large pool costs nothing until
-    used (torch.zeros would write every byte at start)."""
-    if device.type != "cpu":
-        return torch.zeros(num_pages, page_elems, dtype=dtype, device=device)
-    nbytes = num_pages * page_elems * torch.finfo(dtype).bits // 8
-    # private: a shared anonymous mapping is shmem, which gets no transparent huge pages
-    buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        # Every decode step streams each running adapter's weights out of the pool: 2 MiB pages
-        # spare TLB misses and let the hardware prefetchers run past 4 KiB boundaries
-        # (the git history of docs/benchmarks.md). Only a hint; /proc/<pid>/smaps
-        # AnonHugePages shows it took.
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError as e:
-            logger.debug("no transparent huge pages for the pool: %s", e)
-    return torch.frombuffer(buf, dtype=dtype).view(num_pages, page_elems)
-
-
-def _load_tokenizer(model_dir: str):
-    d = Path(model_dir)
-    if not any(
-        (d / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
-    ):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
 __all__ = ["Engine", "FinishReason"]

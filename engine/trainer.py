@@ -30,7 +30,8 @@ from loraplex.engine.adapter_writer import write_peft_adapter
 from loraplex.engine.finetune_data import Example, optimizer_steps, pad_batch
 from loraplex.engine.loader import MODULES
 from loraplex.engine.model import Model
-from loraplex.engine.train_forward import TrainableLoRA, token_loss_sum
+from loraplex.engine.train_forward import MicroBatch, token_loss_sum
+from loraplex.engine.train_lora import TrainableLoRA
 
 logger = logging.getLogger(__name__)
 
@@ -78,11 +79,25 @@ class StepLog:
     validation_loss: float | None = None  # at the last step of an epoch, with validation data
 
 
+def check_trainable(model: Model) -> None:
+    """ValueError when the training forward cannot run backward through `model`'s linears."""
+    if any(lin.mode == "onednn" for w in model.layers for lin in (w.qkv, w.o)):
+        raise ValueError(
+            "fine-tuning a bfloat16 model on the CPU is not supported yet (its packed oneDNN "
+            "linears have no backward): use --dtype float32"
+        )
+
+
 class Trainer:
     """Trains one adapter on `examples` with the frozen weights of `model`.
 
-    `steps_left` optimizer steps remain; each `step()` runs one and returns its log. Nothing of
-    the inference side (KV pool, scheduler) is touched: training rows attend only to themselves.
+    `steps_left` optimizer steps remain. Work comes in micro-batches: `next_micro_batch` cuts
+    the next consecutive examples of the current batch (as many as fit a padded-token budget,
+    at least one) and `finish_micro_batch` takes one back once it is done, running AdamW when
+    it completes an optimizer step. Each micro-batch's backward is scaled by 1 / (the step's
+    trained tokens), so however the batches are cut the gradients add up to the step's mean
+    (equal up to float rounding). `step()` runs one whole optimizer step. Nothing of the
+    inference side (KV pool, scheduler) is touched: training rows attend only to themselves.
     """
 
     def __init__(
@@ -94,17 +109,15 @@ class Trainer:
         pad_id: int,
         validation: list[Example] | None = None,
         init_weights=None,
+        state_buffer: torch.Tensor | None = None,
     ) -> None:
         """`init_weights`: the loaded `init_adapter` (engine/adapter_loader.py AdapterWeights),
-        else PEFT's default init from `config.seed`."""
+        else PEFT's default init from `config.seed`. `state_buffer`: a flat float32 tensor of
+        >= `state_numel(...)` elements to hold weights, gradients and AdamW moments (the job's
+        pool pages); None = torch allocates them."""
         if not examples:
             raise ValueError("no training examples")
-        slow = [lin.mode for w in model.layers for lin in (w.qkv, w.o) if lin.mode == "onednn"]
-        if slow:
-            raise ValueError(
-                "fine-tuning a bfloat16 model on the CPU is not supported yet (its packed oneDNN "
-                "linears have no backward): use --dtype float32"
-            )
+        check_trainable(model)
         self.model, self.config, self.examples = model, config, examples
         self.validation, self.pad_id = validation or [], pad_id
         device = model.embed.device
@@ -115,6 +128,7 @@ class Trainer:
                 model.spec, config.rank, config.alpha, config.target_modules, config.seed,
                 config.use_rslora, device,
             )  # fmt: skip
+        placed = self.lora.place(state_buffer) if state_buffer is not None else {}
         self.optimizer = torch.optim.AdamW(
             self.lora.parameters(),
             lr=config.learning_rate,
@@ -122,6 +136,7 @@ class Trainer:
             eps=1e-8,
             weight_decay=0.0,
         )
+        self.optimizer.state.update(placed)
         c = config
         self.plan = optimizer_steps(len(examples), batch_size=c.batch_size,
                                     grad_accum=c.grad_accum, epochs=c.epochs,
@@ -131,40 +146,73 @@ class Trainer:
         self.epoch_of = [i // per_epoch for i in range(len(self.plan))]
         self.done = 0
         self.log: list[StepLog] = []
+        # the cursor: batch `_batch` of step `done`, from its example `_offset`
+        self._batch = self._offset = 0
+        self._loss_sum, self._step_t0 = 0.0, None
 
     @property
     def steps_left(self) -> int:
         return len(self.plan) - self.done
 
-    def _batch(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, _, labels = pad_batch([self.examples[i] for i in idx], self.pad_id)
-        device = self.model.embed.device
-        return ids.to(device), labels.to(device)
+    @property
+    def tokens_trained(self) -> int:
+        return sum(e.tokens for e in self.log)
 
-    def step(self) -> StepLog:
-        """One optimizer step: its batches forward and backward, then AdamW."""
+    def next_micro_batch(self, max_tokens: int | None = None) -> MicroBatch:
+        """The next examples of the current batch as a `MicroBatch`: as many consecutive ones as
+        keep (count x longest length) <= max_tokens, at least one; None = the rest of the
+        batch. Take it back with `finish_micro_batch` before asking for another."""
         if not self.steps_left:
             raise RuntimeError("the job has no steps left")
-        t0 = time.perf_counter()
+        if self._step_t0 is None:
+            self._step_t0 = time.perf_counter()
+        batch = self.plan[self.done][self._batch][self._offset :]
+        take, longest = 0, 0
+        for i in batch:
+            longest = max(longest, len(self.examples[i].input_ids))
+            if take and max_tokens is not None and (take + 1) * longest > max_tokens:
+                break
+            take += 1
+        ids, _, labels = pad_batch([self.examples[i] for i in batch[:take]], self.pad_id)
+        device = self.model.embed.device
+        total = sum(self.examples[i].num_trained for b in self.plan[self.done] for i in b)
+        return MicroBatch(self.model, self.lora, ids.to(device), labels.to(device), total)
+
+    def finish_micro_batch(self, mb: MicroBatch) -> StepLog | None:
+        """Account a done micro-batch (from the last `next_micro_batch`); runs AdamW and
+        returns the step's log when it completed an optimizer step, else None."""
+        if not mb.done:
+            raise RuntimeError("the micro-batch has units left")
+        self._loss_sum += mb.loss
+        self._offset += mb.bsz
         batches = self.plan[self.done]
-        total = sum(self.examples[i].num_trained for b in batches for i in b)
-        loss_sum = 0.0
-        for idx in batches:
-            ids, labels = self._batch(idx)
-            loss, _ = token_loss_sum(self.model, self.lora, ids, labels)
-            (loss / total).backward()
-            loss_sum += float(loss.detach())
+        if self._offset == len(batches[self._batch]):
+            self._batch, self._offset = self._batch + 1, 0
+        if self._batch < len(batches):
+            return None
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=False)  # grads may be views of the state buffer
+        total = sum(self.examples[i].num_trained for b in batches for i in b)
         epoch = self.epoch_of[self.done]
         self.done += 1
-        entry = StepLog(self.done, epoch, loss_sum / total, total, self.config.learning_rate,
-                        time.perf_counter() - t0)  # fmt: skip
+        entry = StepLog(self.done, epoch, self._loss_sum / total, total,
+                        self.config.learning_rate, time.perf_counter() - self._step_t0)  # fmt: skip
+        self._batch, self._loss_sum, self._step_t0 = 0, 0.0, None
         last_of_epoch = self.done == len(self.plan) or self.epoch_of[self.done] != epoch
         if self.validation and last_of_epoch:
             entry.validation_loss = self.validation_loss()
         self.log.append(entry)
         return entry
+
+    def step(self) -> StepLog:
+        """One optimizer step: each of its batches as one micro-batch, then AdamW."""
+        while True:
+            mb = self.next_micro_batch()
+            while not mb.done:
+                mb.run_unit()
+            entry = self.finish_micro_batch(mb)
+            if entry is not None:
+                return entry
 
     @torch.no_grad()
     def validation_loss(self) -> float:

@@ -22,8 +22,9 @@ Unified paging (S-LoRA), with a geometry that survives GQA and MLP adapters:
   end (:meth:`PagePool.alloc_run`), so the two rarely fragment each other.
 
 Every page is either free or owned by exactly one ``(kind, owner)`` where kind is ``"kv"``
-(owner = seq_id) or ``"adapter"`` (owner = adapter uid). Failed operations leave the pool
-unchanged.
+(owner = seq_id), ``"adapter"`` (owner = adapter uid) or ``"train"`` (owner = a fine-tuning
+job's number: its optimizer state and activation budget, memory/train_pages.py). Failed
+operations leave the pool unchanged.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("kv", "adapter")
+KINDS = ("kv", "adapter", "train")
 
 
 class PoolExhausted(RuntimeError):
@@ -81,7 +82,7 @@ class PagePool:
         return self._num_free
 
     def pages_used(self, kind: str) -> int:
-        """Number of pages owned by ``kind`` (``"kv"`` or ``"adapter"``)."""
+        """Number of pages owned by ``kind`` (one of KINDS)."""
         _check_kind(kind)
         return self._used[kind]
 
@@ -221,5 +222,5 @@ class PagePool:
     def __repr__(self) -> str:
         return (
             f"PagePool(num_pages={self.num_pages}, free={self._num_free}, "
-            f"kv={self._used['kv']}, adapter={self._used['adapter']})"
+            f"kv={self._used['kv']}, adapter={self._used['adapter']}, train={self._used['train']})"
         )

@@ -21,7 +21,7 @@ from loraplex.engine.engine import Engine
 from loraplex.engine.finetune_data import Example
 from loraplex.engine.llm import LLM
 from loraplex.engine.loader import module_path
-from loraplex.engine.train_forward import TrainableLoRA
+from loraplex.engine.train_lora import TrainableLoRA
 from loraplex.engine.trainer import FinetuneConfig, Trainer
 from loraplex.scheduler.sequence import SamplingParams
 

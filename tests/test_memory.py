@@ -7,6 +7,8 @@ import time
 import pytest
 from memory_helpers import make, owners
 
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.integrity import check_all
 from loraplex.memory.kv_cache import KVCacheManager
 from loraplex.memory.pool import IntegrityError, PagePool, PoolExhausted
 
@@ -209,3 +211,36 @@ def test_kv_integrity_detects_corruption():
     pool.alloc(1, "kv", 3)  # a kv page no table knows about
     with pytest.raises(IntegrityError, match="3 kv pages but tables hold 2"):
         kv.check_integrity()
+
+
+def test_training_pages_reserve_all_or_nothing_and_release_everything():
+    from loraplex.memory.train_pages import TrainingPages
+
+    pool = PagePool(20)
+    kv = KVCacheManager(pool, block_size=4)
+    store = AdapterStore(pool)
+    train = TrainingPages(pool)
+    kv.ensure(1, 8)  # pages 0, 1
+    res = train.reserve(7, state_pages=4, activation_pages=3)
+    assert res.state == [16, 17, 18, 19] and res.activation == [2, 3, 4]
+    check_all(pool, kv, store, train)
+    with pytest.raises(ValueError, match="already holds"):
+        train.reserve(7, 1, 0)
+    with pytest.raises(PoolExhausted):
+        train.reserve(8, 10, 5)  # 15 > 11 free
+    # pages 5 and 10 taken, 6-9 and 11-15 free: 9 free pages but no run of 6
+    pool.alloc(6, "kv", 99)  # pages 5-10
+    pool.free([6, 7, 8, 9], "kv", 99)
+    before = pool.num_free
+    with pytest.raises(PoolExhausted, match="fragmented"):
+        train.reserve(8, 6, 0)
+    assert pool.num_free == before == 9 and train.jobs() == [7]
+    pool.free([5, 10], "kv", 99)
+    assert sorted(train.release(7)) == [2, 3, 4, 16, 17, 18, 19]
+    assert pool.pages_used("train") == 0 and train.pages_used == 0
+    train.check_integrity()
+    # a page taken from a reservation behind its back is found
+    res = train.reserve(3, 2, 1)
+    pool.free(res.activation, "train", 3)
+    with pytest.raises(IntegrityError, match=r"job 3: page \d+ is owned by None"):
+        train.check_integrity()

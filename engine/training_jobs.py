@@ -1,0 +1,328 @@
+"""Fine-tuning jobs co-served in the engine's steps (Loquetier / FlexLLM style).
+
+A job trains one adapter on the engine's loaded base model (engine/trainer.py: exactly PEFT +
+AdamW) while the engine serves. It is a part beside the step: after each step's inference,
+`TrainingJobs.run(StepLoad)` gives the running job the time and tokens that step leaves.
+
+Scheduling, per engine step:
+* Inference first. With inference running, a job's micro-batch holds at most
+  min(`finetune_max_tokens_per_step`, `max_num_batched_tokens` - the step's inference tokens)
+  padded tokens (at least one example), and it runs units (one decoder layer's forward, the
+  head, or one layer's backward: engine/train_forward.py `MicroBatch`) while their measured
+  cost fits the step's training time: `finetune_itl_slo_ms` minus the inference time when that
+  target is set, else `finetune_step_share` x the inference time (0.25: the inter-token latency
+  of running requests grows by about a quarter at most). At least one unit runs per step, so
+  a job always progresses; a unit is one layer of one micro-batch, and micro-batches shrink to
+  what the measured per-token cost allows.
+* With no inference running, the job runs one whole micro-batch of
+  `finetune_max_tokens_per_step` tokens per step (a new request waits at most that long).
+* Jobs start in submission order, at most `finetune_max_running_jobs` at once, each when its
+  pages fit (memory/train_pages.py; idle adapters are evicted for it like for KV). A job that
+  does not fit stays queued with the reason in `job.reason`. Running jobs take turns by step.
+* A job's error fails that job (status "failed", the error in `reason`), never the step.
+  Cancel frees every page of the job at once. Pages are zeroed before they go back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from loraplex.engine.finetune_data import Example
+from loraplex.engine.train_forward import MicroBatch
+from loraplex.engine.train_memory import pages_needed
+from loraplex.engine.trainer import FinetuneConfig, StepLog, Trainer, check_trainable
+from loraplex.memory.adapter_store import AdapterStore
+from loraplex.memory.pool import IntegrityError, PoolExhausted
+from loraplex.memory.train_pages import TrainingPages
+
+logger = logging.getLogger(__name__)
+
+
+class JobStatus(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class CoserveConfig:
+    """The engine's fine-tuning knobs (EngineConfig validates them)."""
+
+    max_tokens_per_step: int = 512
+    itl_slo_ms: float | None = None
+    step_share: float = 0.25
+    max_running_jobs: int = 1
+    max_num_batched_tokens: int = 2048
+
+
+@dataclass(frozen=True)
+class StepLoad:
+    """What the step's inference used: the budget training fills."""
+
+    tokens: int  # inference tokens in the step; 0 = no inference ran
+    seconds: float  # its time, schedule through postprocess
+
+
+@dataclass
+class FinetuneJob:
+    job_id: str
+    number: int  # its owner id in the pool
+    config: FinetuneConfig
+    output_dir: str
+    adapter_name: str | None  # registered under this name once trained
+    examples: list[Example]
+    validation: list[Example] | None
+    init_weights: object | None
+    state_pages: int
+    activation_pages: int
+    status: JobStatus = JobStatus.QUEUED
+    reason: str = ""  # why it waits, or why it failed
+    trainer: Trainer | None = None
+    micro: MicroBatch | None = None
+    log: list[StepLog] = field(default_factory=list)
+    total_steps: int = 0
+    adapter_path: str | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    @property
+    def pages(self) -> int:
+        return self.state_pages + self.activation_pages
+
+    @property
+    def steps_done(self) -> int:
+        return len(self.log)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class TrainingJobs:
+    def __init__(
+        self,
+        model,
+        pool_tensor: torch.Tensor,
+        pages: TrainingPages,
+        store: AdapterStore,
+        config: CoserveConfig,
+        *,
+        pad_id: int,
+        register: Callable[[str, str], None],
+        model_name: str | None = None,
+    ) -> None:
+        """`register(name, path)` registers a trained adapter with the engine."""
+        self.model, self.pool_tensor, self.pages, self.store = model, pool_tensor, pages, store
+        self.config, self.pad_id, self.register = config, pad_id, register
+        self.model_name = model_name
+        self.jobs: dict[str, FinetuneJob] = {}
+        self._numbers = 0
+        self._turn = 0
+        self._cost: dict[str, float] = {}  # seconds per padded token of each unit kind (EMA)
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job_id: str,
+        config: FinetuneConfig,
+        examples: list[Example],
+        output_dir: str,
+        *,
+        validation: list[Example] | None = None,
+        adapter_name: str | None = None,
+        init_weights=None,
+    ) -> FinetuneJob:
+        """Queue a job. ValueError (nothing queued) for a reused id, no examples, a model
+        this engine cannot train, or a job that could never fit the pool."""
+        if job_id in self.jobs:
+            raise ValueError(f"fine-tuning job id {job_id!r} is already in use")
+        if not examples:
+            raise ValueError("no training examples")
+        check_trainable(self.model)
+        spec, pool = self.model.spec, self.pages.pool
+        rank = init_weights.rank if init_weights is not None else config.rank
+        targets = init_weights.target_modules if init_weights is not None else config.target_modules
+        longest = max(len(e.input_ids) for e in examples)
+        tokens = max(self.config.max_tokens_per_step, longest)
+        page_bytes = self.pool_tensor[0].numel() * self.pool_tensor.element_size()
+        state, act = pages_needed(spec, rank, targets, tokens, self.pool_tensor.element_size(),
+                                  page_bytes)  # fmt: skip
+        if state + act > pool.num_pages:
+            raise ValueError(
+                f"fine-tuning job {job_id!r} needs {state + act} pages ({state} of optimizer "
+                f"state, {act} for the activations of {tokens}-token micro-batches) but the pool "
+                f"has {pool.num_pages}: lower --finetune-max-tokens-per-step or the rank, or "
+                f"raise --pool-bytes"
+            )
+        self._numbers += 1
+        job = FinetuneJob(job_id, self._numbers, config, str(output_dir), adapter_name, examples,
+                          validation, init_weights, state, act)  # fmt: skip
+        self.jobs[job_id] = job
+        logger.info("fine-tuning job %s queued (%d examples, %d pages)", job_id, len(examples),
+                    job.pages)  # fmt: skip
+        return job
+
+    def cancel(self, job_id: str) -> bool:
+        """Cancel a queued or running job (its pages freed now). False if unknown or ended."""
+        job = self.jobs.get(job_id)
+        if job is None or job.finished:
+            return False
+        self._end(job, JobStatus.CANCELLED, "cancelled")
+        return True
+
+    @property
+    def active(self) -> bool:
+        return any(not j.finished for j in self.jobs.values())
+
+    def running(self) -> list[FinetuneJob]:
+        return [j for j in self.jobs.values() if j.status is JobStatus.RUNNING]
+
+    def queued(self) -> list[FinetuneJob]:
+        return [j for j in self.jobs.values() if j.status is JobStatus.QUEUED]
+
+    # -- the step ----------------------------------------------------------------------------
+
+    def run(self, load: StepLoad) -> list[FinetuneJob]:
+        """Start what fits, then advance one running job within the step's budget. Returns the
+        jobs that ended in this call."""
+        ended: list[FinetuneJob] = []
+        self._start_queued(ended)
+        running = self.running()
+        if not running:
+            return ended
+        job = running[self._turn % len(running)]
+        self._turn += 1
+        try:
+            self._advance(job, load)
+            if not job.trainer.steps_left:
+                self._succeed(job)
+        except Exception as e:  # the job fails, the engine goes on serving
+            logger.exception("fine-tuning job %s failed", job.job_id)
+            self._end(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
+        if job.finished:
+            ended.append(job)
+        return ended
+
+    def _start_queued(self, ended: list[FinetuneJob]) -> None:
+        for job in self.queued():  # in submission order; a job that does not fit blocks
+            if len(self.running()) >= self.config.max_running_jobs:
+                return
+            pool = self.pages.pool
+            if pool.num_free < job.pages:
+                self.store.make_room(job.pages)
+            try:
+                res = self.pages.reserve(job.number, job.state_pages, job.activation_pages)
+            except PoolExhausted as e:
+                job.reason = (
+                    f"waiting for memory: needs {job.pages} pages ({job.state_pages} state, "
+                    f"{job.activation_pages} activations); {e}"
+                )
+                return
+            try:
+                run = self.pool_tensor[res.state[0] : res.state[-1] + 1]
+                buffer = run.reshape(-1).view(torch.float32)
+                job.trainer = Trainer(self.model, job.config, job.examples, pad_id=self.pad_id,
+                                      validation=job.validation, init_weights=job.init_weights,
+                                      state_buffer=buffer)  # fmt: skip
+            except Exception as e:
+                self._end(job, JobStatus.FAILED, f"{type(e).__name__}: {e}")
+                ended.append(job)
+                continue
+            job.status, job.reason, job.started_at = JobStatus.RUNNING, "", time.time()
+            job.total_steps = job.trainer.steps_left
+            job.examples = job.validation = job.init_weights = None  # the trainer has them
+            logger.info("fine-tuning job %s started (%d optimizer steps)", job.job_id,
+                        job.total_steps)  # fmt: skip
+
+    def _budget(self, load: StepLoad) -> tuple[float | None, int]:
+        """(seconds training may spend, micro-batch token cap); None seconds = idle."""
+        c = self.config
+        if load.tokens == 0:
+            return None, c.max_tokens_per_step
+        if c.itl_slo_ms is not None:
+            seconds = max(0.0, c.itl_slo_ms / 1000 - load.seconds)
+        else:
+            seconds = c.step_share * load.seconds
+        tokens = min(c.max_tokens_per_step, c.max_num_batched_tokens - load.tokens)
+        per_token = self._cost.get("backward")
+        if per_token:  # the costliest unit must fit the step's time
+            tokens = min(tokens, int(seconds / per_token))
+        return seconds, max(tokens, 1)
+
+    def _advance(self, job: FinetuneJob, load: StepLoad) -> None:
+        seconds, tokens = self._budget(load)
+        spent, ran = 0.0, 0
+        trainer = job.trainer
+        while trainer.steps_left:
+            if job.micro is None:
+                job.micro = trainer.next_micro_batch(tokens)
+            mb = job.micro
+            kind = mb.next_unit()
+            estimate = self._cost.get(kind, 0.0) * mb.num_tokens
+            if seconds is not None and ran and spent + estimate > seconds:
+                return
+            t0 = time.perf_counter()
+            mb.run_unit()
+            dt = time.perf_counter() - t0
+            per_token = dt / mb.num_tokens
+            old = self._cost.get(kind)
+            self._cost[kind] = per_token if old is None else 0.8 * old + 0.2 * per_token
+            spent, ran = spent + dt, ran + 1
+            if not mb.done:
+                continue
+            job.micro = None
+            entry = trainer.finish_micro_batch(mb)
+            if entry is not None:
+                job.log.append(entry)
+            if seconds is None:  # idle: one micro-batch per step
+                return
+
+    def _succeed(self, job: FinetuneJob) -> None:
+        job.adapter_path = job.trainer.save(job.output_dir, self.model_name)
+        note = ""
+        if job.adapter_name is not None:
+            try:
+                self.register(job.adapter_name, job.adapter_path)
+            except Exception as e:  # the adapter is saved: say so, do not lose it
+                self._end(job, JobStatus.FAILED, f"trained and saved to {job.adapter_path}, "
+                          f"but registering it as {job.adapter_name!r} failed: {e}")  # fmt: skip
+                return
+            note = f", serving as {job.adapter_name!r}"
+        logger.info("fine-tuning job %s succeeded: %s%s", job.job_id, job.adapter_path, note)
+        self._end(job, JobStatus.SUCCEEDED, "")
+
+    def _end(self, job: FinetuneJob, status: JobStatus, reason: str) -> None:
+        job.trainer = job.micro = None  # drops the graph and the optimizer (views of the pages)
+        job.examples = job.validation = job.init_weights = None
+        res = self.pages.get(job.number)
+        if res is not None:
+            for p in res.state + res.activation:
+                self.pool_tensor[p].zero_()  # never hand back NaN bit patterns to the KV cache
+            self.pages.release(job.number)
+        job.status, job.reason, job.finished_at = status, reason, time.time()
+
+    def check_integrity(self) -> None:
+        """Running jobs are exactly the ones holding pages, each its computed page counts."""
+        holding = set(self.pages.jobs())
+        running = {j.number: j for j in self.running()}
+        if holding != set(running):
+            raise IntegrityError(
+                f"training pages held by jobs {sorted(holding)}, running jobs {sorted(running)}"
+            )
+        for number, job in running.items():
+            res = self.pages.get(number)
+            if (len(res.state), len(res.activation)) != (job.state_pages, job.activation_pages):
+                raise IntegrityError(
+                    f"job {job.job_id}: holds {len(res.state)} + {len(res.activation)} pages, "
+                    f"reserved {job.state_pages} + {job.activation_pages}"
+                )
