@@ -55,6 +55,21 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="auto: triton on CUDA, the C decode kernel (cpu) on the CPU for float32/bfloat16, "
         "else torch",
     )
+    f = p.add_argument_group("co-served fine-tuning (engine/training_jobs.py)")
+    f.add_argument(
+        "--finetune-max-tokens-per-step", type=int, default=512,
+        help="most padded tokens of a training micro-batch",
+    )  # fmt: skip
+    f.add_argument(
+        "--finetune-itl-slo-ms", type=float, default=None,
+        help="inter-token latency target of running requests while a job trains "
+        "(default: --finetune-step-share)",
+    )  # fmt: skip
+    f.add_argument(
+        "--finetune-step-share", type=float, default=0.25,
+        help="training time per step as a share of the step's inference time",
+    )  # fmt: skip
+    f.add_argument("--finetune-max-running-jobs", type=int, default=1)
 
 
 def serve_flags(args: argparse.Namespace) -> list[str]:
@@ -90,6 +105,10 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         lora_backend=args.lora_backend,
         attention_backend=args.attention_backend,
+        finetune_max_tokens_per_step=args.finetune_max_tokens_per_step,
+        finetune_itl_slo_ms=args.finetune_itl_slo_ms,
+        finetune_step_share=args.finetune_step_share,
+        finetune_max_running_jobs=args.finetune_max_running_jobs,
     )
 
 

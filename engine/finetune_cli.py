@@ -51,11 +51,12 @@ def finetune_config(args: argparse.Namespace):
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    """The job runs in the engine's step loop, as a co-served job does (with no inference
+    here, each step trains one whole micro-batch)."""
     from loraplex.engine.adapter_loader import load_adapter
     from loraplex.engine.cli import engine_config
     from loraplex.engine.engine import Engine
     from loraplex.engine.finetune_data import load_examples
-    from loraplex.engine.trainer import Trainer
 
     config = finetune_config(args)
     engine = Engine(engine_config(args))
@@ -69,21 +70,27 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     init = None
     if config.init_adapter:
         init = load_adapter("init", config.init_adapter, engine.spec, 1 << 30)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    trainer = Trainer(engine.model, config, train, pad_id=pad, validation=valid,
-                      init_weights=init)  # fmt: skip
-    logger.info("fine-tuning: %d examples, %d optimizer steps", len(train), trainer.steps_left)
-    bar = tqdm(total=trainer.steps_left, desc="finetune", unit="step")
-    tokens, t0 = 0, time.perf_counter()
-    while trainer.steps_left:
-        entry = trainer.step()
-        tokens += entry.tokens
-        post = {"loss": f"{entry.loss:.4f}", "tok/s": f"{tokens / (time.perf_counter() - t0):.0f}"}
-        if entry.validation_loss is not None:
-            post["val"] = f"{entry.validation_loss:.4f}"
-        bar.set_postfix(post)
-        bar.update(1)
+    job = engine.submit_finetune("finetune", config, train, args.output, validation=valid,
+                                 init_weights=init)  # fmt: skip
+    logger.info("fine-tuning: %d examples", len(train))
+    bar = tqdm(desc="finetune", unit="step")
+    t0, shown = time.perf_counter(), 0
+    while not job.finished:
+        engine.step()
+        bar.total = job.total_steps or None
+        for entry in job.log[shown:]:
+            tokens = sum(e.tokens for e in job.log[: shown + 1])
+            post = {"loss": f"{entry.loss:.4f}",
+                    "tok/s": f"{tokens / (time.perf_counter() - t0):.0f}"}  # fmt: skip
+            if entry.validation_loss is not None:
+                post["val"] = f"{entry.validation_loss:.4f}"
+            bar.set_postfix(post)
+            bar.update(1)
+            shown += 1
     bar.close()
-    path = trainer.save(args.output, base_model_name_or_path=engine.model_dir)
-    print(f"adapter written to {path} ({trainer.done} steps, final loss {entry.loss:.4f})")
+    if job.status.value != "succeeded":
+        raise ValueError(f"fine-tuning failed: {job.reason}")
+    last = job.log[-1]
+    print(f"adapter written to {job.adapter_path} ({len(job.log)} steps, final loss "
+          f"{last.loss:.4f})")  # fmt: skip
     return 0

@@ -131,7 +131,8 @@ def test_finetune_cli_end_to_end_and_a_bad_file(tmp_path):
     exe = str(Path(sys.executable).with_name("loraplex"))
     base = [exe, "--log-level", "WARNING", "finetune", "--model", str(model), "--pool-bytes",
             str(8 << 20), "--max-model-len", "128", "--rank", "4", "--epochs", "2",
-            "--batch-size", "4", "--learning-rate", "1e-2"]  # fmt: skip
+            "--batch-size", "4", "--learning-rate", "1e-2",
+            "--finetune-max-tokens-per-step", "128"]  # fmt: skip
     out = tmp_path / "out"
     proc = subprocess.run([*base, "--train", str(train), "--output", str(out)],
                           capture_output=True, text=True, timeout=300)  # fmt: skip
