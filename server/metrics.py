@@ -48,7 +48,14 @@ class _EngineCollector:
         )
         used.add_metric(["kv"], s.pages_kv)
         used.add_metric(["adapter"], s.pages_adapter)
+        used.add_metric(["train"], s.pages_train)
         yield used
+        jobs = GaugeMetricFamily(
+            "loraplex_finetune_jobs", "Fine-tuning jobs by state", labels=["state"]
+        )
+        jobs.add_metric(["running"], s.finetune_running)
+        jobs.add_metric(["queued"], s.finetune_queued)
+        yield jobs
         loaded = GaugeMetricFamily(
             "loraplex_adapters_loaded",
             "Adapters resident in pool pages (device) and registered in host memory (host)",
