@@ -26,6 +26,26 @@ import torch.nn.functional as F
 from loraplex.engine.layers import apply_rotary, rms_norm
 from loraplex.engine.model import LayerWeights, Model
 from loraplex.engine.train_lora import PEFT_ORDER, TrainableLoRA
+from loraplex.kernels.linear import Linear
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = lin(x) with the base weight frozen: backward gives x's gradient only, through
+    `Linear.input_grad` (every storage mode of kernels/linear.py, oneDNN's packed bfloat16
+    included, which has no autograd formula of its own). Saves nothing of x."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, lin: Linear) -> torch.Tensor:
+        ctx.lin = lin
+        return lin(x)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        return ctx.lin.input_grad(grad_y.contiguous()), None
+
+
+def _base(lin: Linear, x: torch.Tensor) -> torch.Tensor:
+    return _FrozenLinear.apply(x, lin) if x.requires_grad else lin(x)
 
 
 def _add_lora(
@@ -63,7 +83,7 @@ def _layer(
     q_dim, kv_dim, inter = spec.q_dim, spec.kv_dim, spec.intermediate_size
     cos, sin = rope
     x = rms_norm(h, w.input_norm, eps)
-    qkv = _add_lora(w.qkv(x), x, lora, i, PEFT_ORDER[:3], (q_dim, kv_dim, kv_dim))
+    qkv = _add_lora(_base(w.qkv, x), x, lora, i, PEFT_ORDER[:3], (q_dim, kv_dim, kv_dim))
     q = apply_rotary(qkv[:, :q_dim].reshape(-1, heads, hd), cos, sin)
     k = apply_rotary(qkv[:, q_dim : q_dim + kv_dim].reshape(-1, kv_heads, hd), cos, sin)
     v = qkv[:, q_dim + kv_dim :].reshape(-1, kv_heads, hd)
@@ -73,11 +93,11 @@ def _layer(
         q, k, v, is_causal=True, scale=model.scale, enable_gqa=kv_heads != heads
     )
     o = o.transpose(1, 2).reshape(-1, q_dim)
-    h = h + _add_lora(w.o(o), o, lora, i, ("o_proj",), (spec.hidden_size,))
+    h = h + _add_lora(_base(w.o, o), o, lora, i, ("o_proj",), (spec.hidden_size,))
     x = rms_norm(h, w.post_norm, eps)
-    gu = _add_lora(w.gate_up(x), x, lora, i, ("gate_proj", "up_proj"), (inter, inter))
+    gu = _add_lora(_base(w.gate_up, x), x, lora, i, ("gate_proj", "up_proj"), (inter, inter))
     a = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return h + _add_lora(w.down(a), a, lora, i, ("down_proj",), (spec.hidden_size,))
+    return h + _add_lora(_base(w.down, a), a, lora, i, ("down_proj",), (spec.hidden_size,))
 
 
 def _inputs(model: Model, input_ids: torch.Tensor, labels: torch.Tensor):
@@ -96,7 +116,7 @@ def _inputs(model: Model, input_ids: torch.Tensor, labels: torch.Tensor):
 def _head_loss(model: Model, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor):
     """Summed float32 cross-entropy of the trained rows (only they go through the LM head)."""
     hidden = rms_norm(h[rows], model.norm, model.spec.rms_norm_eps)
-    logits = model.lm_head(hidden).float()  # [R, vocab]
+    logits = _base(model.lm_head, hidden).float()  # [R, vocab]
     return F.cross_entropy(logits, targets, reduction="sum")
 
 

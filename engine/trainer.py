@@ -79,15 +79,6 @@ class StepLog:
     validation_loss: float | None = None  # at the last step of an epoch, with validation data
 
 
-def check_trainable(model: Model) -> None:
-    """ValueError when the training forward cannot run backward through `model`'s linears."""
-    if any(lin.mode == "onednn" for w in model.layers for lin in (w.qkv, w.o)):
-        raise ValueError(
-            "fine-tuning a bfloat16 model on the CPU is not supported yet (its packed oneDNN "
-            "linears have no backward): use --dtype float32"
-        )
-
-
 class Trainer:
     """Trains one adapter on `examples` with the frozen weights of `model`.
 
@@ -117,7 +108,6 @@ class Trainer:
         pool pages); None = torch allocates them."""
         if not examples:
             raise ValueError("no training examples")
-        check_trainable(model)
         self.model, self.config, self.examples = model, config, examples
         self.validation, self.pad_id = validation or [], pad_id
         device = model.embed.device

@@ -36,7 +36,7 @@ import torch
 from loraplex.engine.finetune_data import Example
 from loraplex.engine.train_forward import MicroBatch
 from loraplex.engine.train_memory import pages_needed
-from loraplex.engine.trainer import FinetuneConfig, StepLog, Trainer, check_trainable
+from loraplex.engine.trainer import FinetuneConfig, StepLog, Trainer
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.pool import IntegrityError, PoolExhausted
 from loraplex.memory.train_pages import TrainingPages
@@ -142,13 +142,12 @@ class TrainingJobs:
         adapter_name: str | None = None,
         init_weights=None,
     ) -> FinetuneJob:
-        """Queue a job. ValueError (nothing queued) for a reused id, no examples, a model
-        this engine cannot train, or a job that could never fit the pool."""
+        """Queue a job. ValueError (nothing queued) for a reused id, no examples, or a job
+        that could never fit the pool."""
         if job_id in self.jobs:
             raise ValueError(f"fine-tuning job id {job_id!r} is already in use")
         if not examples:
             raise ValueError("no training examples")
-        check_trainable(self.model)
         spec, pool = self.model.spec, self.pages.pool
         rank = init_weights.rank if init_weights is not None else config.rank
         targets = init_weights.target_modules if init_weights is not None else config.target_modules

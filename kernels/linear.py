@@ -89,6 +89,16 @@ class Linear:
             return None
         return packed
 
+    def input_grad(self, grad_y: torch.Tensor) -> torch.Tensor:
+        """grad_y [T, out] @ W [out, in] -> [T, in]: the gradient w.r.t. x of `self(x)` (the
+        weight is frozen). The oneDNN layout has no transposed multiply, so that mode unpacks
+        the weight for this call only (a transient copy of one matrix, freed on return)."""
+        if self.mode == "transposed":
+            return torch.mm(grad_y, self.weight.t())
+        if self.mode == "onednn":
+            return torch.mm(grad_y, self.weight.to_dense())
+        return torch.mm(grad_y, self.weight)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "transposed":
             if self.bias is None:

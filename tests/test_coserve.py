@@ -230,3 +230,32 @@ def test_activation_reservation_bounds_what_autograd_keeps(tiny_llama):
     bound = activation_bytes(engine.spec, CONFIG.rank, mb.num_tokens, 4)
     assert 0.5 * bound < kept <= bound, (kept, bound)  # a bound, and not a loose one
     assert isinstance(mb, MicroBatch) and mb.bsz == len(ex)
+
+
+def test_bfloat16_cpu_training_through_packed_linears(tiny_llama, tmp_path, monkeypatch):
+    """A bfloat16 engine on the CPU trains through its oneDNN-packed linears (no autograd
+    formula of their own: kernels/linear.py `input_grad`), to the losses the plain F.linear
+    path gives within bfloat16 rounding, with float32 master weights."""
+    import loraplex.kernels.linear as linear
+
+    fx, config = tiny_llama, FinetuneConfig(rank=4, alpha=8.0, epochs=2, batch_size=4, seed=1,
+                                            learning_rate=1e-2)  # fmt: skip
+    logs, weights = [], []
+    for packed in (True, False):
+        if not packed:
+            monkeypatch.setattr(linear, "_onednn_ok", False)
+        engine = _engine(fx, dtype="bfloat16")
+        modes = {lin.mode for w in engine.model.layers for lin in (w.qkv, w.down)}
+        assert modes == ({"onednn"} if packed and linear._onednn_bf16_usable() else {"linear"})
+        job = engine.submit_finetune(f"bf16-{packed}", config,
+                                     _examples(engine.spec.vocab_size, n=12),
+                                     str(tmp_path / str(packed)))  # fmt: skip
+        _run(engine)
+        assert job.status is JobStatus.SUCCEEDED, job.reason
+        logs.append([e.loss for e in job.log])
+        weights.append(_saved(job.adapter_path))
+        assert all(t.dtype == torch.float32 for t in weights[-1].values())
+    assert logs[0][-1] < logs[0][0]  # it learns
+    assert logs[0] == pytest.approx(logs[1], rel=2e-2)
+    for k in weights[1]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=5e-3, rtol=0)

@@ -47,3 +47,20 @@ def test_shared_weights_and_other_dtypes_keep_f_linear(monkeypatch):
     assert half.mode == "linear"
     monkeypatch.setattr(linear, "_onednn_ok", False)  # no oneDNN bf16 here
     assert Linear(w.bfloat16(), None).mode == "linear"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_input_grad_is_the_gradient_of_f_linear_in_every_mode(dtype):
+    """What the training forward backpropagates through a frozen base linear."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 40, generator=gen).to(dtype)
+    lin = Linear(w, torch.randn(48, generator=gen).to(dtype))
+    x = torch.randn(7, 40, generator=gen).to(dtype).requires_grad_()
+    grad_y = torch.randn(7, 48, generator=gen).to(dtype)
+    F.linear(x, w).backward(grad_y)
+    got = lin.input_grad(grad_y)
+    assert got.shape == x.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, x.grad, rtol=1e-6, atol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), x.grad.float(), rtol=2e-2, atol=5e-2)
