@@ -21,6 +21,14 @@ Scheduling, per engine step:
   does not fit stays queued with the reason in `job.reason`. Running jobs take turns by step.
 * A job's error fails that job (status "failed", the error in `reason`), never the step.
   Cancel frees every page of the job at once. Pages are zeroed before they go back.
+
+What is shared with inference: the one copy of the base weights (frozen, never copied: the
+training forward multiplies with the inference model's own `Linear`s) and the page budget. What
+is not: a training unit reads the weights in its own pass after the step's forward, rather than
+riding in the inference matmuls (Loquetier's fused step). At micro-batch sizes the training
+forward is compute-bound (1,024 flops per 4-byte weight for 512 tokens, far above what memory
+bandwidth makes the cost of the read), so a fused read would save little there, and the
+inference forward stays free of autograd and of training branches.
 """
 
 from __future__ import annotations
