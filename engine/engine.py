@@ -23,12 +23,13 @@ from loraplex.engine.engine_setup import (
     load_tokenizer,
     zeroed_pool,
 )
+from loraplex.engine.finetune_job import CoserveConfig, FinetuneJob, StepLoad
 from loraplex.engine.loader import load_checkpoint, load_model_spec
 from loraplex.engine.model import Model
 from loraplex.engine.runner import Runner
 from loraplex.engine.sampler import Sampler
 from loraplex.engine.trainer import FinetuneConfig
-from loraplex.engine.training_jobs import CoserveConfig, FinetuneJob, StepLoad, TrainingJobs
+from loraplex.engine.training_jobs import TrainingJobs
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.integrity import check_all
 from loraplex.memory.kv_cache import KVCacheManager
@@ -249,6 +250,7 @@ class Engine:
         validation: list | None = None,
         adapter_name: str | None = None,
         init_weights=None,
+        checkpoint_dir: str | None = None,
     ) -> FinetuneJob:
         """Queue a fine-tuning job; it trains in the engine's steps beside inference, writes
         the adapter to `output_dir` and, with `adapter_name`, registers it for serving.
@@ -258,7 +260,7 @@ class Engine:
             raise ValueError(f"adapter name {adapter_name!r} is already registered")
         return self.training.submit(
             job_id, config, examples, output_dir, validation=validation,
-            adapter_name=adapter_name, init_weights=init_weights,
+            adapter_name=adapter_name, init_weights=init_weights, checkpoint_dir=checkpoint_dir,
         )  # fmt: skip
 
     def cancel_finetune(self, job_id: str) -> bool:

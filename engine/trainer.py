@@ -145,6 +145,12 @@ class Trainer:
         return len(self.plan) - self.done
 
     @property
+    def epoch_ended(self) -> bool:
+        """Whether the last optimizer step done was the last of its epoch."""
+        d = self.done
+        return d > 0 and (d == len(self.plan) or self.epoch_of[d] != self.epoch_of[d - 1])
+
+    @property
     def tokens_trained(self) -> int:
         return sum(e.tokens for e in self.log)
 
@@ -188,8 +194,7 @@ class Trainer:
         entry = StepLog(self.done, epoch, self._loss_sum / total, total,
                         self.config.learning_rate, time.perf_counter() - self._step_t0)  # fmt: skip
         self._batch, self._loss_sum, self._step_t0 = 0, 0.0, None
-        last_of_epoch = self.done == len(self.plan) or self.epoch_of[self.done] != epoch
-        if self.validation and last_of_epoch:
+        if self.validation and self.epoch_ended:
             entry.validation_loss = self.validation_loss()
         self.log.append(entry)
         return entry

@@ -19,6 +19,9 @@ Scheduling, per engine step:
 * Jobs start in submission order, at most `finetune_max_running_jobs` at once, each when its
   pages fit (memory/train_pages.py; idle adapters are evicted for it like for KV). A job that
   does not fit stays queued with the reason in `job.reason`. Running jobs take turns by step.
+* Each job may keep a checkpoint (a PEFT directory `step-N` under its `checkpoint_dir`) at the
+  end of every epoch. `listener(job, event, data)`, when set, hears on the engine thread:
+  "running", "step" (its StepLog), "checkpoint" ((step, path)) and "ended" (see job.status).
 * A job's error fails that job (status "failed", the error in `reason`), never the step.
   Cancel frees every page of the job at once. Pages are zeroed before they go back.
 
@@ -36,83 +39,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import Enum
 
 import torch
 
 from loraplex.engine.finetune_data import Example
-from loraplex.engine.train_forward import MicroBatch
+from loraplex.engine.finetune_job import CoserveConfig, FinetuneJob, JobStatus, StepLoad
 from loraplex.engine.train_memory import pages_needed
-from loraplex.engine.trainer import FinetuneConfig, StepLog, Trainer
+from loraplex.engine.trainer import FinetuneConfig, Trainer
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.pool import IntegrityError, PoolExhausted
 from loraplex.memory.train_pages import TrainingPages
 
 logger = logging.getLogger(__name__)
-
-
-class JobStatus(str, Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-@dataclass(frozen=True)
-class CoserveConfig:
-    """The engine's fine-tuning knobs (EngineConfig validates them)."""
-
-    max_tokens_per_step: int = 512
-    itl_slo_ms: float | None = None
-    step_share: float = 0.25
-    max_running_jobs: int = 1
-    max_num_batched_tokens: int = 2048
-
-
-@dataclass(frozen=True)
-class StepLoad:
-    """What the step's inference used: the budget training fills."""
-
-    tokens: int  # inference tokens in the step; 0 = no inference ran
-    seconds: float  # its time, schedule through postprocess
-
-
-@dataclass
-class FinetuneJob:
-    job_id: str
-    number: int  # its owner id in the pool
-    config: FinetuneConfig
-    output_dir: str
-    adapter_name: str | None  # registered under this name once trained
-    examples: list[Example]
-    validation: list[Example] | None
-    init_weights: object | None
-    state_pages: int
-    activation_pages: int
-    status: JobStatus = JobStatus.QUEUED
-    reason: str = ""  # why it waits, or why it failed
-    trainer: Trainer | None = None
-    micro: MicroBatch | None = None
-    log: list[StepLog] = field(default_factory=list)
-    total_steps: int = 0
-    adapter_path: str | None = None
-    created_at: float = field(default_factory=time.time)
-    started_at: float | None = None
-    finished_at: float | None = None
-
-    @property
-    def pages(self) -> int:
-        return self.state_pages + self.activation_pages
-
-    @property
-    def steps_done(self) -> int:
-        return len(self.log)
-
-    @property
-    def finished(self) -> bool:
-        return self.status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class TrainingJobs:
@@ -133,6 +71,7 @@ class TrainingJobs:
         self.config, self.pad_id, self.register = config, pad_id, register
         self.model_name = model_name
         self.jobs: dict[str, FinetuneJob] = {}
+        self.listener: Callable[[FinetuneJob, str, object], None] | None = None
         self._numbers = 0
         self._turn = 0
         self._cost: dict[str, float] = {}  # seconds per padded token of each unit kind (EMA)
@@ -149,6 +88,7 @@ class TrainingJobs:
         validation: list[Example] | None = None,
         adapter_name: str | None = None,
         init_weights=None,
+        checkpoint_dir: str | None = None,
     ) -> FinetuneJob:
         """Queue a job. ValueError (nothing queued) for a reused id, no examples, or a job
         that could never fit the pool."""
@@ -174,6 +114,7 @@ class TrainingJobs:
         self._numbers += 1
         job = FinetuneJob(job_id, self._numbers, config, str(output_dir), adapter_name, examples,
                           validation, init_weights, state, act)  # fmt: skip
+        job.checkpoint_dir = checkpoint_dir
         self.jobs[job_id] = job
         logger.info("fine-tuning job %s queued (%d examples, %d pages)", job_id, len(examples),
                     job.pages)  # fmt: skip
@@ -247,6 +188,7 @@ class TrainingJobs:
                 continue
             job.status, job.reason, job.started_at = JobStatus.RUNNING, "", time.time()
             job.total_steps = job.trainer.steps_left
+            self._tell(job, "running", None)
             job.examples = job.validation = job.init_weights = None  # the trainer has them
             logger.info("fine-tuning job %s started (%d optimizer steps)", job.job_id,
                         job.total_steps)  # fmt: skip
@@ -291,6 +233,11 @@ class TrainingJobs:
             entry = trainer.finish_micro_batch(mb)
             if entry is not None:
                 job.log.append(entry)
+                self._tell(job, "step", entry)
+                if job.checkpoint_dir is not None and trainer.epoch_ended:
+                    path = trainer.save(f"{job.checkpoint_dir}/step-{entry.step}", self.model_name)
+                    job.checkpoints.append((entry.step, path))
+                    self._tell(job, "checkpoint", (entry.step, path))
             if seconds is None:  # idle: one micro-batch per step
                 return
 
@@ -317,6 +264,15 @@ class TrainingJobs:
                 self.pool_tensor[p].zero_()  # never hand back NaN bit patterns to the KV cache
             self.pages.release(job.number)
         job.status, job.reason, job.finished_at = status, reason, time.time()
+        self._tell(job, "ended", None)
+
+    def _tell(self, job: FinetuneJob, event: str, data) -> None:
+        if self.listener is None:
+            return
+        try:
+            self.listener(job, event, data)
+        except Exception:  # a listener's bug must not fail the job or the step
+            logger.exception("fine-tuning listener failed on %s of job %s", event, job.job_id)
 
     def check_integrity(self) -> None:
         """Running jobs are exactly the ones holding pages, each its computed page counts."""

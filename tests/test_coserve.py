@@ -14,10 +14,10 @@ import torch
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.engine.finetune_data import Example
+from loraplex.engine.finetune_job import JobStatus
 from loraplex.engine.train_forward import MicroBatch
 from loraplex.engine.train_memory import activation_bytes
 from loraplex.engine.trainer import FinetuneConfig, Trainer
-from loraplex.engine.training_jobs import JobStatus
 from loraplex.scheduler.sequence import SamplingParams
 
 CONFIG = FinetuneConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"),
@@ -195,7 +195,7 @@ def test_a_failing_job_fails_alone_and_frees_its_pages(tiny_llama, tmp_path):
 
 
 def test_micro_batches_take_what_the_step_leaves(tiny_llama, tmp_path):
-    from loraplex.engine.training_jobs import StepLoad
+    from loraplex.engine.finetune_job import StepLoad
 
     engine = _engine(tiny_llama, max_num_batched_tokens=256, finetune_max_tokens_per_step=200)
     jobs = engine.training
@@ -259,3 +259,29 @@ def test_bfloat16_cpu_training_through_packed_linears(tiny_llama, tmp_path, monk
     assert logs[0] == pytest.approx(logs[1], rel=2e-2)
     for k in weights[1]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=5e-3, rtol=0)
+
+
+def test_checkpoints_at_each_epoch_end_and_the_listener_hears_the_job(tiny_llama, tmp_path):
+    engine = _engine(tiny_llama)
+    heard = []
+    engine.training.listener = lambda job, event, data: heard.append((job.job_id, event, data))
+    config = FinetuneConfig(rank=2, epochs=3, batch_size=4)
+    examples = _examples(engine.spec.vocab_size, n=8)
+    job = engine.submit_finetune(
+        "k", config, examples, str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck")
+    )
+    _run(engine)
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.checkpoints == [(s, str(tmp_path / "ck" / f"step-{s}")) for s in (2, 4, 6)]
+    last = _saved(job.checkpoints[-1][1])
+    final = _saved(job.adapter_path)
+    assert all(torch.equal(last[k], final[k]) for k in final)
+    events = [e for _, e, _ in heard]
+    assert events == ["running"] + ["step", "step", "checkpoint"] * 3 + ["ended"]
+    assert [d.step for _, e, d in heard if e == "step"] == [1, 2, 3, 4, 5, 6]
+    # a listener that raises does not fail the job
+    engine.training.listener = lambda *a: 1 / 0
+    job = engine.submit_finetune("k2", config, _examples(engine.spec.vocab_size, n=4),
+                                 str(tmp_path / "out2"))  # fmt: skip
+    _run(engine)
+    assert job.status is JobStatus.SUCCEEDED
