@@ -215,7 +215,7 @@ class Trainer:
         `batch_size` in file order)."""
         loss_sum, tokens, bs = 0.0, 0, self.config.batch_size
         for lo in range(0, len(self.validation), bs):
-            ids, labels = pad_batch(self.validation[lo : lo + bs], self.pad_id)
+            ids, _, labels = pad_batch(self.validation[lo : lo + bs], self.pad_id)
             device = self.model.embed.device
             loss, n = token_loss_sum(self.model, self.lora, ids.to(device), labels.to(device))
             loss_sum, tokens = loss_sum + float(loss), tokens + n

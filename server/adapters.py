@@ -91,6 +91,15 @@ async def load_adapter(
             400, f"adapter names must match {NAME_RE.pattern}, got {name!r}", param="name"
         )
     real = real_path if real_path is not None else confine(ctx.adapter_root, path)
+    entry = await register_owned(ctx, owner, name, real)
+    logger.info("adapter %s loaded for %s: rank %d", name, owner, entry.info.rank)
+    return entry
+
+
+async def register_owned(ctx: ServerContext, owner: str, name: str, real: str) -> AdapterEntry:
+    """Load the adapter directory `real` as `owner`'s adapter `name`, without the checks of a
+    client's request (the server's own adapters, e.g. tuned models, whose names hold ':').
+    APIError 409 if the name is taken, 400 if the files are refused, 503 when stopping."""
     if name == ctx.model_id or ctx.names.taken(owner, name):
         raise APIError(
             409, f"an adapter named '{name}' is already loaded", param="name", code="name_taken"
@@ -107,7 +116,6 @@ async def load_adapter(
     except (ValueError, OSError) as e:
         msg = _public(str(e), entry, ctx)
         raise APIError(400, msg, param="path", code="invalid_adapter") from None
-    logger.info("adapter %s loaded for %s: rank %d", name, owner, entry.info.rank)
     return entry
 
 

@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server import adapters as adapter_routes
-from loraplex.server import openai_routes
+from loraplex.server import finetune_routes, openai_routes
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.metrics import Metrics
@@ -45,10 +45,18 @@ def create_app(
     adapter_root: str | None = None,
     max_queue: int | None = None,
     shutdown_grace_s: float = 30.0,
+    finetune_dir: str | None = None,
+    max_file_bytes: int = 512 << 20,
+    max_jobs_per_tenant: int = 4,
 ) -> FastAPI:
     """ValueError if a tenant's configured adapter cannot be loaded (with the reason)."""
     if adapter_root is not None and not os.path.isdir(adapter_root):
         raise ValueError(f"--adapter-root {adapter_root!r} is not a directory")
+    if max_file_bytes < 1 or max_jobs_per_tenant < 1:
+        raise ValueError(
+            f"--max-file-bytes and --max-jobs-per-tenant must be >= 1, got {max_file_bytes}, "
+            f"{max_jobs_per_tenant}"
+        )
     if max_queue is not None and max_queue < 1:
         raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
     aengine = AsyncEngine(engine, max_queue=max_queue)
@@ -63,10 +71,18 @@ def create_app(
         shutdown_grace_s=shutdown_grace_s,
     )
     _register_adapters(ctx)
+    if finetune_dir is not None:
+        from loraplex.server.finetune_service import FinetuneService
+
+        ctx.finetune = FinetuneService(ctx, finetune_dir, max_file_bytes=max_file_bytes,
+                                       max_jobs_per_tenant=max_jobs_per_tenant)  # fmt: skip
+        metrics.set_job_counts(ctx.finetune.db.job_counts)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         aengine.start()
+        if ctx.finetune is not None:
+            await ctx.finetune.recover()
         try:
             yield
         finally:
@@ -76,6 +92,7 @@ def create_app(
     app.state.ctx = ctx
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
+    app.include_router(finetune_routes.router)
     _add_error_handlers(app)
     _add_service_routes(app)
     pool = engine.pool
@@ -171,6 +188,7 @@ def _add_service_routes(app: FastAPI) -> None:
         ctx = get_ctx(request)
         tenant = ctx.authenticate(request)
         tenants = ctx.tenants.by_name.values() if tenant.admin else [tenant]
+        trained = ctx.finetune.db.trained_tokens_by_tenant() if ctx.finetune else {}
         return {
             "object": "list",
             "data": [
@@ -179,6 +197,7 @@ def _add_service_routes(app: FastAPI) -> None:
                     "requests": t.usage.requests,
                     "prompt_tokens": t.usage.prompt_tokens,
                     "completion_tokens": t.usage.completion_tokens,
+                    "trained_tokens": trained.get(t.name, 0),
                 }
                 for t in tenants
             ],

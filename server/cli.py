@@ -38,6 +38,16 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=None, help="waiting sequences before 429")
     g.add_argument("--served-model-name", default=None, help="the base model's id in the API")
     g.add_argument(
+        "--finetune-dir",
+        default=None,
+        help="fine-tuning API state (files, jobs, tuned adapters, SQLite); default: "
+        "<cache>/finetune/<model id> (cache: $LORAPLEX_CACHE or ~/.cache/loraplex)",
+    )
+    g.add_argument("--max-file-bytes", type=int, default=512 << 20,
+                   help="largest fine-tuning file upload")  # fmt: skip
+    g.add_argument("--max-jobs-per-tenant", type=int, default=4,
+                   help="fine-tuning jobs of one tenant not yet ended, before 429")  # fmt: skip
+    g.add_argument(
         "--shutdown-timeout",
         type=float,
         default=30.0,
@@ -49,7 +59,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from loraplex.engine.engine import Engine
-    from loraplex.server.app import create_app
+    from loraplex.server.app import create_app, default_model_id
+    from loraplex.server.finetune_service import cache_dir
     from loraplex.server.tenants import Tenants
     from loraplex.server.threads import run_in_fresh_thread
 
@@ -61,13 +72,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
             engine_cli.parse_adapters(args.adapter),
             adapter_dir=args.adapter_dir,
         )
+        model_id = args.served_model_name or default_model_id(engine)
+        finetune_dir = args.finetune_dir or str(cache_dir() / "finetune" / model_id)
         return create_app(
             engine,
             tenants=tenants,
-            model_id=args.served_model_name,
+            model_id=model_id,
             adapter_root=args.adapter_root,
             max_queue=args.max_queue,
             shutdown_grace_s=args.shutdown_timeout,
+            finetune_dir=finetune_dir,
+            max_file_bytes=args.max_file_bytes,
+            max_jobs_per_tenant=args.max_jobs_per_tenant,
         )
 
     # Torch work only on threads that exit or on the engine thread (see run_in_fresh_thread).

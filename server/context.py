@@ -26,6 +26,7 @@ class ServerContext:
     model_id: str  # the base model's public id
     adapter_root: str | None = None
     shutdown_grace_s: float = 30.0
+    finetune: object = None  # server/finetune_service.py FinetuneService, when enabled
     names: AdapterNamespace = field(default_factory=AdapterNamespace)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)

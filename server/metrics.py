@@ -16,6 +16,7 @@ from collections.abc import Callable
 from prometheus_client import (
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -37,6 +38,7 @@ ITL_BUCKETS = (
 class _EngineCollector:
     def __init__(self, stats: Callable) -> None:
         self._stats = stats
+        self.job_counts: Callable[[], dict[str, int]] | None = None  # the fine-tuning API's
 
     def collect(self):
         s = self._stats()
@@ -51,10 +53,13 @@ class _EngineCollector:
         used.add_metric(["train"], s.pages_train)
         yield used
         jobs = GaugeMetricFamily(
-            "loraplex_finetune_jobs", "Fine-tuning jobs by state", labels=["state"]
+            "loraplex_finetune_jobs", "Fine-tuning jobs by status", labels=["status"]
         )
-        jobs.add_metric(["running"], s.finetune_running)
-        jobs.add_metric(["queued"], s.finetune_queued)
+        counts = self.job_counts() if self.job_counts is not None else {
+            "running": s.finetune_running, "queued": s.finetune_queued,
+        }  # fmt: skip
+        for status, n in sorted(counts.items()):
+            jobs.add_metric([status], n)
         yield jobs
         loaded = GaugeMetricFamily(
             "loraplex_adapters_loaded",
@@ -124,7 +129,35 @@ class Metrics:
             ["tenant", "status"],
             registry=r,
         )
-        r.register(_EngineCollector(stats))
+        self.finetune_tokens = Counter(
+            "loraplex_finetune_trained_tokens", "Tokens trained on by fine-tuning jobs",
+            ["tenant"], registry=r,
+        )  # fmt: skip
+        self.finetune_step_seconds = Histogram(
+            "loraplex_finetune_step_seconds", "Time of one optimizer step of a fine-tuning job",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.finetune_loss = Gauge(
+            "loraplex_finetune_loss", "Training loss of the last step of each running job",
+            ["job"], registry=r,
+        )  # fmt: skip
+        self._collector = _EngineCollector(stats)
+        r.register(self._collector)
+
+    def set_job_counts(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._collector.job_counts = counts
+
+    def finetune_step(self, tenant: str, job: str, tokens: int, seconds: float, loss: float):
+        self.finetune_tokens.labels(tenant=tenant).inc(tokens)
+        self.finetune_step_seconds.observe(seconds)
+        self.finetune_loss.labels(job=job).set(loss)
+
+    def finetune_ended(self, job: str) -> None:
+        """Running jobs only: the loss gauge's label set stays bounded."""
+        try:
+            self.finetune_loss.remove(job)
+        except KeyError:
+            pass
 
     def count_request(self, tenant: str, status: int) -> None:
         self.requests.labels(tenant=tenant, status=str(status)).inc()

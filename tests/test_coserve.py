@@ -268,7 +268,8 @@ def test_checkpoints_at_each_epoch_end_and_the_listener_hears_the_job(tiny_llama
     config = FinetuneConfig(rank=2, epochs=3, batch_size=4)
     examples = _examples(engine.spec.vocab_size, n=8)
     job = engine.submit_finetune(
-        "k", config, examples, str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck")
+        "k", config, examples, str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"),
+        validation=examples[:5],
     )
     _run(engine)
     assert job.status is JobStatus.SUCCEEDED
@@ -279,6 +280,10 @@ def test_checkpoints_at_each_epoch_end_and_the_listener_hears_the_job(tiny_llama
     events = [e for _, e, _ in heard]
     assert events == ["running"] + ["step", "step", "checkpoint"] * 3 + ["ended"]
     assert [d.step for _, e, d in heard if e == "step"] == [1, 2, 3, 4, 5, 6]
+    # validation at each epoch's end: the trained-token mean over the 5 examples
+    with_validation = [e for e in job.log if e.validation_loss is not None]
+    assert [e.step for e in with_validation] == [2, 4, 6]
+    assert with_validation[-1].validation_loss < with_validation[0].validation_loss
     # a listener that raises does not fail the job
     engine.training.listener = lambda *a: 1 / 0
     job = engine.submit_finetune("k2", config, _examples(engine.spec.vocab_size, n=4),

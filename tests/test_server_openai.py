@@ -191,7 +191,7 @@ def test_metrics_present_and_moving(live, client):
     assert after[("loraplex_pool_pages_total", ())] == live.ctx.engine.pool.num_pages
     for key in (("kind", "kv"), ("kind", "adapter"), ("kind", "train")):
         assert ("loraplex_pool_pages_used", (key,)) in after
-    assert after[("loraplex_finetune_jobs", (("state", "running"),))] == 0
+    assert after[("loraplex_finetune_jobs", (("status", "running"),))] == 0
     assert after[("loraplex_adapters_loaded", (("tier", "host"),))] == 2
     assert after[("loraplex_adapters_loaded", (("tier", "device"),))] >= 1
     for name in ("num_requests_running", "num_requests_waiting", "adapter_evictions_total"):
