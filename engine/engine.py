@@ -39,6 +39,7 @@ from loraplex.scheduler.batcher import Batcher, SchedulerConfig
 from loraplex.scheduler.sequence import FinishReason, SamplingParams, Sequence, StepOutput
 
 logger = logging.getLogger(__name__)
+ADAPTER_NAMES_TTL = 0.25  # seconds
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,13 @@ class EngineStats:
     adapter_loads: int = 0
     adapter_evictions: int = 0
     pages_train: int = 0
+    pages_evictable: int = 0  # idle adapters' pages: free for KV on demand
     finetune_running: int = 0
     finetune_queued: int = 0
+    running_adapters: tuple[str, ...] = ()  # engine adapter names of running requests
+    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones
+    max_num_seqs: int = 0
+    taken_at: float = 0.0  # time.time() of the snapshot
 
 
 class Engine:
@@ -161,6 +167,7 @@ class Engine:
             model_name=self.model_dir,
         )  # fmt: skip
         self._requests: dict[str, Sequence] = {}
+        self._adapter_names: tuple[float, tuple, tuple] = (0.0, (), ())
         logger.info(
             "engine: %s (%s, %s), pool %d pages x %d bytes = %.1f MiB, %d adapters",
             model_dir,
@@ -292,7 +299,15 @@ class Engine:
         return outputs
 
     def stats(self) -> EngineStats:
+        """Cheap enough for every step; the adapter name sets (O(queue)) are refreshed at most
+        every ADAPTER_NAMES_TTL seconds."""
         b, p, s = self.batcher, self.pool, self.store
+        now = time.time()
+        names_at, running, waiting = self._adapter_names
+        if now - names_at > ADAPTER_NAMES_TTL:
+            running = tuple(sorted({q.adapter_id for q in b.running if q.adapter_id}))
+            waiting = tuple(sorted({q.adapter_id for q in b.waiting if q.adapter_id}))
+            self._adapter_names = (now, running, waiting)
         return EngineStats(
             running=len(b.running),
             waiting=len(b.waiting),
@@ -304,8 +319,13 @@ class Engine:
             adapter_loads=s.loads,
             adapter_evictions=s.evictions,
             pages_train=p.pages_used("train"),
+            pages_evictable=s.evictable_pages(),
             finetune_running=len(self.training.running()),
             finetune_queued=len(self.training.queued()),
+            running_adapters=running,
+            waiting_adapters=waiting,
+            max_num_seqs=self.config.max_num_seqs,
+            taken_at=now,
         )
 
     def check_integrity(self) -> None:

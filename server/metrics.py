@@ -61,6 +61,24 @@ class _EngineCollector:
         for status, n in sorted(counts.items()):
             jobs.add_metric([status], n)
         yield jobs
+        # The Gateway API Inference Extension's model-server protocol (vLLM's names, ours
+        # prefixed): docs/deploy.md says what the labels mean here.
+        usable = s.pages_total - s.pages_kv - s.pages_train - s.pages_adapter + s.pages_evictable
+        yield _gauge(
+            "loraplex_kv_cache_usage_perc",
+            "Share of the pool not available to new KV pages (KV, training, adapters in use)",
+            1.0 - usable / s.pages_total if s.pages_total else 0.0,
+        )
+        lora = GaugeMetricFamily(
+            "loraplex_lora_requests_info",
+            "Adapters of running and waiting requests; value = time of the snapshot",
+            labels=["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+        )
+        lora.add_metric(
+            [str(s.max_num_seqs), _names(s.running_adapters), _names(s.waiting_adapters)],
+            s.taken_at,
+        )
+        yield lora
         loaded = GaugeMetricFamily(
             "loraplex_adapters_loaded",
             "Adapters resident in pool pages (device) and registered in host memory (host)",
@@ -77,6 +95,12 @@ class _EngineCollector:
             "Adapters evicted from pool pages",
             value=s.adapter_evictions,
         )
+
+
+def _names(engine_names) -> str:
+    """Comma-separated public adapter names: a tenant's adapter is "tenant/name" (its engine
+    name without the load number), a shared one its name."""
+    return ",".join(sorted({n.rsplit("@", 1)[0] if "/" in n else n for n in engine_names}))
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
