@@ -2,8 +2,8 @@
 the loraplex server, over httpx.
 
     with LoraplexClient("http://127.0.0.1:8000", api_key="...") as c:
-        out = c.completions("loraplex-demo", "Once upon a time", max_tokens=16)
-        for chunk in c.stream_chat("demo-r16", [{"role": "user", "content": "Hi"}]):
+        out = c.completions("loraplex-demo", "hello world ->", max_tokens=16)  # " hello world"
+        for chunk in c.stream_chat("demo-reverse", [{"role": "user", "content": "hello world"}]):
             print(chunk.text, end="")
 
 Contracts:

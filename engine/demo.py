@@ -1,9 +1,12 @@
-"""A deterministic, offline demo: a small tokenizer, a random Llama/Qwen2 checkpoint, adapters.
+"""The demo: a trained character-level model with three adapters (`ensure_demo`), and the random
+checkpoints and adapters the tests and benchmarks build (`make_checkpoint`, `make_adapter`).
 
-Everything is built locally (no network, ever) and byte-for-byte reproducible: the tokenizer is
-trained on `_CORPUS` below, weights come from fixed seeds. `make_adapter` writes the exact
-PEFT file format (checked in the tests against `peft` itself) without importing `peft`.
-`ensure_demo()` builds the demo once into a cache directory, atomically.
+Everything is built locally (no network, ever) and reproducible. `ensure_demo()` trains the demo
+once (engine/demo_train.py: a Llama that copies its input, adapters demo-reverse, demo-upper
+and demo-shift; about 2-3 minutes on two cores) into a cache directory, atomically.
+`make_checkpoint` writes a random Llama/Qwen2/Mistral checkpoint with a byte-level BPE
+tokenizer trained on `_CORPUS` below; `make_adapter` a random adapter in the exact PEFT file
+format (checked in the tests against `peft` itself) without importing `peft`.
 """
 
 from __future__ import annotations
@@ -18,20 +21,13 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.adapter_writer import write_peft_adapter
-from loraplex.engine.loader import MODULES, ModelSpec, load_model_spec
+from loraplex.engine.demo_train import DEMO_ADAPTERS, build_demo
+from loraplex.engine.loader import MODULES, ModelSpec
 
 logger = logging.getLogger(__name__)
 
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
-# name -> (rank, target modules); alpha = 2 * rank
-DEMO_ADAPTERS: dict[str, tuple[int, list[str]]] = {
-    "demo-r8": (8, ["q_proj", "v_proj"]),
-    "demo-r16": (16, list(MODULES)),
-    "demo-r64": (64, list(MODULES)),
-    "demo-r4-attn": (4, ["q_proj", "k_proj", "v_proj", "o_proj"]),
-    "demo-r32-mlp": (32, ["gate_proj", "up_proj", "down_proj"]),
-}
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -241,8 +237,10 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, dict[str, str]]:
     """Build the demo once; return (model_dir, {adapter name: adapter_dir}).
 
     Cache: `cache_dir`, else $LORAPLEX_CACHE, else ~/.cache/loraplex; the demo lives in
-    `<cache>/demo-v1`. It is built in a temporary sibling directory and renamed into place, so
-    a crash never leaves a half-made demo; if another process wins the race, its copy is used.
+    `<cache>/demo-v2` (`DEMO_VERSION`): `model/` and `adapters/<name>/` for each name of
+    `DEMO_ADAPTERS`. It is trained (`build_demo`) in a temporary sibling directory and renamed
+    into place, so a crash never leaves a half-made demo; if another process wins the race, its
+    copy is used. An existing demo directory is used as it is.
     """
     cache = Path(cache_dir or os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex")
     root = cache / DEMO_VERSION
@@ -251,13 +249,8 @@ def ensure_demo(cache_dir: str | None = None) -> tuple[str, dict[str, str]]:
         cache.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_VERSION}-", dir=cache))
         try:
-            make_checkpoint(tmp / "model")
-            spec = load_model_spec(tmp / "model")
-            for seed, (name, (rank, targets)) in enumerate(DEMO_ADAPTERS.items(), start=1):
-                make_adapter(
-                    tmp / "adapters" / name, spec, rank=rank, alpha=2.0 * rank,
-                    target_modules=targets, seed=seed, base_model_name_or_path="loraplex-demo",
-                )  # fmt: skip
+            logger.info("training the demo model and its adapters once, into %s", root)
+            build_demo(tmp)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private
             try:
                 os.rename(tmp, root)

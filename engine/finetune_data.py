@@ -27,7 +27,7 @@ with no example at all is a `DataError` with line 0.
    gives its "input_ids"). For assistant message i with weight 1: P = T(messages[:i], True),
    Q = T(messages[:i+1], False); positions len(P) .. len(Q)-1 are trained (everything the
    template emits for that turn after the generation prompt, its EOS/end-of-turn marker
-   included; the demo template's turn is content + "</s>" + "\n", all three trained).
+   included; make_checkpoint's template gives content + "</s>" + "\n", all three trained).
    P must be a token prefix of Q and Q one of T(messages) (the template is
    prefix-stable), else the line is bad. A template that raises makes the line bad.
    A line's structure is checked in full before the tokenizer is asked anything.

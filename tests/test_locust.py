@@ -1,11 +1,13 @@
 """Locust (loadtests/locustfile.py) headless against a real `loraplex serve` of the demo model:
 a timed run through `python -m loraplex.loadtests.locust_run` (which starts and stops the server),
-and trace replays. The demo is built into $LORAPLEX_CACHE (default ~/.cache/loraplex) if missing,
-as `loraplex serve` does."""
+and trace replays. The servers find the demo in $LORAPLEX_CACHE, set for this module to a
+directory holding a reduced build (a few training steps: the real one takes minutes; its files,
+names and vocabulary are the same)."""
 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 import time
@@ -13,12 +15,26 @@ from pathlib import Path
 
 import pytest
 
+from loraplex.engine.demo import DEMO_ADAPTERS, DEMO_VERSION
+from loraplex.engine.demo_train import build_demo
 from loraplex.loadtests.server_process import ServerProcess
 from loraplex.loadtests.workloads import TraceRequest, WorkloadSpec, make_trace
 
 LORAPLEX = str(Path(sys.executable).with_name("loraplex"))
-DEMO_ADAPTERS = ["demo-r8", "demo-r16", "demo-r64", "demo-r4-attn", "demo-r32-mlp"]
 ENDPOINTS = ("/v1/completions", "/v1/chat/completions")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def demo_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    build_demo(cache / DEMO_VERSION, scale=0.005, progress=False)
+    # the compiled CPU kernels live in the cache too: share the usual ones, built once
+    usual = Path(os.environ.get("LORAPLEX_CACHE") or Path.home() / ".cache/loraplex") / "kernels"
+    usual.mkdir(parents=True, exist_ok=True)
+    (cache / "kernels").symlink_to(usual, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LORAPLEX_CACHE", str(cache))  # inherited by the servers
+        yield cache
 
 
 def _locust_run(*args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
@@ -66,7 +82,7 @@ def demo(tmp_path_factory):
 def test_trace_replay(demo, tmp_path):
     spec = WorkloadSpec(16, popularity="power", alpha=0.5, base_share=0.25, prompt_len=(4, 20),
                         output_len=(2, 8), seed=4)  # fmt: skip
-    trace = make_trace(spec, DEMO_ADAPTERS, vocab_size=256)
+    trace = make_trace(spec, list(DEMO_ADAPTERS), vocab_size=256)
     trace.save(tmp_path / "t.jsonl")
     prefix = tmp_path / "replay"
     proc, wall = _locust_run("--url", demo.url, "--users", "4", "--duration", "60s", "--csv",

@@ -2,12 +2,15 @@
 chat on an adapter, and a streamed completion on the adapter.
 
     python clients/examples/openai_example.py --base-url http://127.0.0.1:8000/v1
-    python clients/examples/openai_example.py --api-key KEY --model loraplex-demo --adapter demo-r16
+    python clients/examples/openai_example.py --api-key KEY --model loraplex-demo \\
+        --adapter demo-reverse
 
 `--model` defaults to the base model listed by `/v1/models` (the entry without a parent),
 `--adapter` to the first adapter listed (the base model if there is none). `--api-key`
 defaults to $LORAPLEX_API_KEY (a server started without keys accepts any). Exit status 0 when
-every call succeeded, 1 with the server's error otherwise.
+every call succeeded, 1 with the server's error otherwise. The default prompt and chat message
+suit the demo model of `make serve` (its chat template renders the user message "hello world"
+as the prompt "hello world ->").
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--api-key", default=os.environ.get("LORAPLEX_API_KEY") or "none")
     p.add_argument("--model", default=None, help="base model id (default: from /v1/models)")
     p.add_argument("--adapter", default=None, help="adapter name (default: the first listed)")
-    p.add_argument("--prompt", default="The harbor town woke early.")
+    p.add_argument("--prompt", default="hello world ->")
     p.add_argument("--max-tokens", type=int, default=24)
     return p.parse_args(argv)
 
@@ -53,10 +56,7 @@ def run(args: argparse.Namespace) -> None:
     # 2. A chat on the adapter; loraplex extensions (vLLM's names) go in extra_body.
     chat = client.chat.completions.create(
         model=adapter,
-        messages=[
-            {"role": "system", "content": "You answer in one sentence."},
-            {"role": "user", "content": "Why does water boil at a lower temperature up high?"},
-        ],
+        messages=[{"role": "user", "content": "hello world"}],
         max_completion_tokens=args.max_tokens,
         temperature=0.7,
         seed=1,
