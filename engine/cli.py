@@ -1,4 +1,5 @@
-"""`loraplex` command line: generate, bench throughput (serve comes with the server).
+"""`loraplex` command line: generate, finetune, bench throughput and coserve (serve comes with
+the server).
 
 Every command that runs the engine takes the same sizing options (`add_engine_args`).
 """
@@ -207,6 +208,14 @@ def build_parser(
 
     bench_mod.add_arguments(thr)
     thr.set_defaults(func=bench_mod.throughput)
+    cos = bench_sub.add_parser(
+        "coserve", help="inference + a fine-tuning job in one engine, beside a PEFT process"
+    )
+    add_engine_args(cos)
+    from loraplex.engine import bench_coserve
+
+    bench_coserve.add_arguments(cos)
+    cos.set_defaults(func=bench_coserve.coserve)
     if extra_commands is not None:
         extra_commands(sub, bench_sub)
     return p
