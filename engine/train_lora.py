@@ -92,17 +92,20 @@ class TrainableLoRA:
             raise ValueError(f"target_modules must be a non-empty subset of {MODULES}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
-        torch.manual_seed(seed)
-        A, B = {}, {}
-        for layer in range(spec.num_layers):
-            for m in targets:
-                din, dout = spec.module_dims(m)
-                a, b = torch.empty(rank, din), torch.empty(dout, rank)
-                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(din, rank)
-                torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # nn.Linear(rank, dout)
-                torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # reset_lora_parameters
-                b.zero_()
-                A[layer, m], B[layer, m] = a, b
+        # PEFT draws from the global RNG; fork it so a job starting in a serving engine does not
+        # change what anything else in the process draws next.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            A, B = {}, {}
+            for layer in range(spec.num_layers):
+                for m in targets:
+                    din, dout = spec.module_dims(m)
+                    a, b = torch.empty(rank, din), torch.empty(dout, rank)
+                    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # nn.Linear(din, rank)
+                    torch.nn.init.kaiming_uniform_(b, a=math.sqrt(5))  # nn.Linear(rank, dout)
+                    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # reset_lora_parameters
+                    b.zero_()
+                    A[layer, m], B[layer, m] = a, b
         return cls._leaves(rank, alpha, use_rslora, targets, A, B, device)
 
     @classmethod

@@ -268,7 +268,11 @@ def test_checkpoints_at_each_epoch_end_and_the_listener_hears_the_job(tiny_llama
     config = FinetuneConfig(rank=2, epochs=3, batch_size=4)
     examples = _examples(engine.spec.vocab_size, n=8)
     job = engine.submit_finetune(
-        "k", config, examples, str(tmp_path / "out"), checkpoint_dir=str(tmp_path / "ck"),
+        "k",
+        config,
+        examples,
+        str(tmp_path / "out"),
+        checkpoint_dir=str(tmp_path / "ck"),
         validation=examples[:5],
     )
     _run(engine)

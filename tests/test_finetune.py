@@ -80,7 +80,13 @@ def test_default_init_is_peft_draw_for_draw(tiny_llama):
     model_dir = tiny_llama["model_dir"]
     _, state = peft_train(model_dir, [([5, 6, 7], [-100, 6, 7])], rank=4, alpha=8.0,
                           target_modules=TARGETS, seed=11, learning_rate=0.0)  # fmt: skip
-    lora = TrainableLoRA.peft_init(_engine(model_dir).spec, 4, 8.0, TARGETS, seed=11)
+    spec = _engine(model_dir).spec
+    torch.manual_seed(123)
+    want_next = torch.rand(3)
+    torch.manual_seed(123)
+    lora = TrainableLoRA.peft_init(spec, 4, 8.0, TARGETS, seed=11)
+    # the process's global RNG is left where it was (a job must not reseed a serving engine)
+    assert torch.equal(torch.rand(3), want_next)
     assert len(lora.A) == 2 * len(TARGETS)
     for (layer, m), a in lora.A.items():
         assert torch.equal(a.detach(), state[_state_key(layer, m, "A")])
