@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -23,6 +22,7 @@ from loraplex.engine.engine_setup import (
     load_tokenizer,
     zeroed_pool,
 )
+from loraplex.engine.engine_stats import EngineStats, StatsTaker
 from loraplex.engine.finetune_job import CoserveConfig, FinetuneJob, StepLoad
 from loraplex.engine.loader import load_checkpoint, load_model_spec
 from loraplex.engine.model import Model
@@ -39,30 +39,6 @@ from loraplex.scheduler.batcher import Batcher, SchedulerConfig
 from loraplex.scheduler.sequence import FinishReason, SamplingParams, Sequence, StepOutput
 
 logger = logging.getLogger(__name__)
-ADAPTER_NAMES_TTL = 0.25  # seconds
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    """A snapshot of the engine's load and memory, for metrics (cheap to take each step)."""
-
-    running: int = 0
-    waiting: int = 0
-    pages_total: int = 0
-    pages_kv: int = 0
-    pages_adapter: int = 0
-    adapters_device: int = 0
-    adapters_host: int = 0
-    adapter_loads: int = 0
-    adapter_evictions: int = 0
-    pages_train: int = 0
-    pages_evictable: int = 0  # idle adapters' pages: free for KV on demand
-    finetune_running: int = 0
-    finetune_queued: int = 0
-    running_adapters: tuple[str, ...] = ()  # engine adapter names of running requests
-    waiting_adapters: tuple[str, ...] = ()  # ... and of waiting ones
-    max_num_seqs: int = 0
-    taken_at: float = 0.0  # time.time() of the snapshot
 
 
 class Engine:
@@ -167,7 +143,10 @@ class Engine:
             model_name=self.model_dir,
         )  # fmt: skip
         self._requests: dict[str, Sequence] = {}
-        self._adapter_names: tuple[float, tuple, tuple] = (0.0, (), ())
+        self._stats = StatsTaker(self.batcher, self.pool, self.store, self.training,
+                                 config.max_num_seqs)  # fmt: skip
+        self.step_failures = 0
+        self.failing: str | None = None  # the last inference step's error, until one succeeds
         logger.info(
             "engine: %s (%s, %s), pool %d pages x %d bytes = %.1f MiB, %d adapters",
             model_dir,
@@ -286,10 +265,15 @@ class Engine:
         outputs: list[StepOutput] = []
         batch = self.batcher.schedule()
         if batch is not None:
-            meta, sampling = self.runner.prepare(batch)
-            logits = self.runner.forward(meta)
-            sampled = self.sampler(logits, sampling)
-            outputs = self.batcher.postprocess(batch, sampled)
+            try:
+                meta, sampling = self.runner.prepare(batch)
+                logits = self.runner.forward(meta)
+                sampled = self.sampler(logits, sampling)
+            except Exception as e:  # the batch fails; the engine goes on (_fail_batch)
+                outputs = self._fail_batch(batch, e)
+            else:
+                outputs = self.batcher.postprocess(batch, sampled)
+                self.failing = None
             for out in outputs:
                 if out.finished:
                     self._requests.pop(out.request_id, None)
@@ -298,35 +282,25 @@ class Engine:
             self.training.run(StepLoad(tokens, time.perf_counter() - t0))
         return outputs
 
+    def _fail_batch(self, batch, error: Exception) -> list[StepOutput]:
+        """A step's prepare, forward or sample raised: its sequences end with an error and free
+        their pages; adapters made resident for it are evicted when nothing holds them (their
+        copy may be partial); everything else goes on as if the step had not been scheduled."""
+        logger.exception("step %d failed; failing its %d sequences", batch.step, len(batch.items))
+        self.step_failures += 1
+        self.failing = f"{type(error).__name__}: {error}"
+        outputs = self.batcher.fail(batch, f"internal error in the engine step: {self.failing}")
+        for uid in batch.loaded_adapters:
+            if (
+                self.store.is_resident(uid)
+                and not self.store.refcount(uid)
+                and not (self.store.is_pinned(uid))
+            ):
+                self.store.evict(uid)
+        return outputs
+
     def stats(self) -> EngineStats:
-        """Cheap enough for every step; the adapter name sets (O(queue)) are refreshed at most
-        every ADAPTER_NAMES_TTL seconds."""
-        b, p, s = self.batcher, self.pool, self.store
-        now = time.time()
-        names_at, running, waiting = self._adapter_names
-        if now - names_at > ADAPTER_NAMES_TTL:
-            running = tuple(sorted({q.adapter_id for q in b.running if q.adapter_id}))
-            waiting = tuple(sorted({q.adapter_id for q in b.waiting if q.adapter_id}))
-            self._adapter_names = (now, running, waiting)
-        return EngineStats(
-            running=len(b.running),
-            waiting=len(b.waiting),
-            pages_total=p.num_pages,
-            pages_kv=p.pages_used("kv"),
-            pages_adapter=p.pages_used("adapter"),
-            adapters_device=s.num_resident,
-            adapters_host=s.num_registered,
-            adapter_loads=s.loads,
-            adapter_evictions=s.evictions,
-            pages_train=p.pages_used("train"),
-            pages_evictable=s.evictable_pages(),
-            finetune_running=len(self.training.running()),
-            finetune_queued=len(self.training.queued()),
-            running_adapters=running,
-            waiting_adapters=waiting,
-            max_num_seqs=self.config.max_num_seqs,
-            taken_at=now,
-        )
+        return self._stats.take(self.step_failures, self.failing)
 
     def check_integrity(self) -> None:
         """Every page owned exactly once; KV tables, adapter residency and fine-tuning jobs'

@@ -95,6 +95,23 @@ class Batcher:
                 return seq
         return None
 
+    def fail(self, batch: ScheduledBatch, reason: str) -> list[StepOutput]:
+        """End every sequence of a batch whose step failed: free its pages and adapter
+        reference, finish it with ERROR and report `reason`. Sequences outside the batch keep
+        their state (the failed step changed nothing of theirs)."""
+        outputs = []
+        for item in batch.items:
+            seq = item.seq
+            if seq in self.running:
+                self.running.remove(seq)
+                self._release(seq)
+            self._finish(seq, FinishReason.ERROR)
+            outputs.append(
+                StepOutput(seq.request_id, [], [], [], True, FinishReason.ERROR,
+                           seq.num_prompt_tokens, seq.num_output_tokens, error=reason)
+            )  # fmt: skip
+        return outputs
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 

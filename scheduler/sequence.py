@@ -65,6 +65,7 @@ class FinishReason(enum.Enum):
     STOP = "stop"  # EOS or a stop token
     LENGTH = "length"  # max_tokens or the model's context
     ABORT = "abort"  # aborted by the caller
+    ERROR = "error"  # the step that ran it failed (an internal error); its pages are freed
 
 
 @dataclass

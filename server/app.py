@@ -176,6 +176,11 @@ def _add_service_routes(app: FastAPI) -> None:
             raise APIError(503, f"the engine loop has stopped: {ae.dead}")
         if ae.draining or not ae.alive:
             raise APIError(503, "the server is shutting down")
+        if ae.stats.failing is not None:  # until an inference step succeeds again
+            raise APIError(
+                503, f"the engine's last step failed ({ae.stats.step_failures} failed steps "
+                f"so far): {ae.stats.failing}", code="engine_step_failed",
+            )  # fmt: skip
         return {"status": "ok"}
 
     @app.get("/metrics")

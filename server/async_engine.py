@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from loraplex.engine.engine import EngineStats
+from loraplex.engine.engine_stats import EngineStats
 from loraplex.scheduler.sequence import FinishReason, SamplingParams, StepOutput
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from loraplex.engine.adapters import UnknownAdapterError
-from loraplex.scheduler.sequence import SamplingParams
+from loraplex.scheduler.sequence import FinishReason, SamplingParams
 from loraplex.server.async_engine import QueueFull, Submission, Unavailable
 from loraplex.server.context import ServerContext
 from loraplex.server.detokenize import TextStream
@@ -171,7 +171,8 @@ class Generation:
 
     async def deltas(self) -> AsyncIterator[list[Delta]]:
         """Deltas as outputs arrive, until every choice has finished. Raises ClientGone after
-        `abort()`, APIError(503) if the server stopped or the engine failed."""
+        `abort()`, APIError(503) if the server stopped, APIError(500) if the engine step that
+        ran a choice failed."""
         q = self._group.queue
         try:
             while self._open:
@@ -192,6 +193,8 @@ class Generation:
             c = self._by_rid.get(step_out.request_id)
             if c is None or c.finish_reason is not None:
                 continue
+            if step_out.finish_reason is FinishReason.ERROR:
+                raise APIError(500, step_out.error, code="internal_error")
             if step_out.error is not None:
                 raise APIError(503, f"request aborted: {step_out.error}", code="unavailable")
             d = out.get(c.index)
