@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test lint format bench clean-venv loadtest
+.PHONY: serve test lint format bench clean-venv loadtest fuzz
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,12 @@ loadtest: $(STAMP)
 	$(BIN)/python -m loraplex.loadtests.locust_run --users $(or $(USERS),8) \
 		--spawn-rate $(or $(RATE),8) --duration $(or $(DURATION),30s) \
 		$(if $(URL),--url $(URL)) $(LOCUST_ARGS)
+
+# The fuzz tests (tests/test_fuzz_*.py) with many examples: FUZZ_EXAMPLES per route and mode
+# (make test runs them with a few).
+fuzz: $(STAMP)
+	LORAPLEX_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),2000) $(BIN)/python -m pytest -q \
+		tests/test_fuzz_schema.py tests/test_fuzz_bodies.py $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

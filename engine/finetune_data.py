@@ -148,6 +148,11 @@ def _parse_line(text: str, number: int, tokenizer) -> Example:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise _LineError(f"not JSON: {exc.msg} at column {exc.colno}") from None
+    if "\\u" in text:  # JSON may escape a lone surrogate, which is not text a tokenizer takes
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise _LineError("a string holds a lone surrogate (a \\ud800-\\udfff escape)") from None
     if not isinstance(obj, dict):
         raise _LineError(f"not a JSON object but {_json_type(obj)}")
     keys = set(obj)

@@ -32,6 +32,7 @@ from loraplex.server.protocol import (
     APIError,
     LoadLoraAdapter,
     UnloadLoraAdapter,
+    check_text,
     parse,
 )
 from loraplex.server.tenants import NAME_RE, AdapterEntry, Tenant
@@ -56,6 +57,7 @@ def confine(root: str | None, path: str) -> str:
         )
     if not path or "\x00" in path:
         raise APIError(400, "'path' must be a non-empty path", param="path")
+    check_text(path, "path")  # os.path cannot encode a lone surrogate
     root_real = os.path.realpath(root)
     real = os.path.realpath(path if os.path.isabs(path) else os.path.join(root_real, path))
     escape = APIError(
@@ -171,7 +173,7 @@ async def list_adapters(request: Request):
     return {"object": "list", "data": [e.describe() for e in entries]}
 
 
-@router.post("/v1/adapters")
+@router.post("/v1/adapters", status_code=201)
 async def create_adapter(request: Request):
     ctx = get_ctx(request)
     tenant = ctx.authenticate(request)

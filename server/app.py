@@ -4,7 +4,8 @@
 shared adapters), loads the tenants' adapters from their configuration, and returns the app.
 The engine thread starts with the app's lifespan and stops with it (in-flight requests get up
 to `shutdown_grace_s` to finish, then are aborted). Routes live in `openai_routes.py` and
-`adapters.py`. Every error, including unknown routes, answers OpenAI's envelope.
+`adapters.py`; `openapi_schema.py` documents their bodies and errors in /openapi.json. Every
+error, including unknown routes, answers OpenAI's envelope.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loraplex.server import adapters as adapter_routes
-from loraplex.server import finetune_routes, openai_routes
+from loraplex.server import finetune_routes, openai_routes, openapi_schema
 from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.metrics import Metrics
@@ -95,6 +96,7 @@ def create_app(
     app.include_router(finetune_routes.router)
     _add_error_handlers(app)
     _add_service_routes(app)
+    openapi_schema.install(app)
     pool = engine.pool
     logger.info(
         "model %s (%s), max_model_len %d; %d shared adapters %s; tenants: %s; "
@@ -159,7 +161,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def validation_error(request: Request, e: RequestValidationError):
         err = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
         param = ".".join(str(x) for x in err["loc"][1:]) or None
-        body = error_body(f"Invalid value for '{param}': {err['msg']}", ERROR_TYPES[400], param)
+        where = f"value for '{param}'" if param else "request"
+        body = error_body(f"Invalid {where}: {err['msg']}", ERROR_TYPES[400], param)
         return JSONResponse(body, status_code=400)
 
     @app.exception_handler(Exception)

@@ -22,7 +22,13 @@ from loraplex.server.generation import (
     run_until_done,
     watch_disconnect,
 )
-from loraplex.server.protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from loraplex.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    check_text,
+    parse,
+)
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -42,7 +48,7 @@ def tokenize(ctx: ServerContext, prompt: str | list[int]) -> list[int]:
             raise APIError(
                 400, "this model has no tokenizer: send the prompt as token ids", param="prompt"
             )
-        ids = list(tok(prompt)["input_ids"])
+        ids = list(tok(check_text(prompt, "prompt"))["input_ids"])
     else:
         vocab = ctx.engine.spec.vocab_size
         ids = list(prompt)
@@ -60,6 +66,8 @@ def apply_chat_template(ctx: ServerContext, messages: list[dict]) -> list[int]:
         raise APIError(
             400, "this model has no chat template: use /v1/completions", param="messages"
         )
+    for i, m in enumerate(messages):
+        check_text(m["content"], f"messages.{i}.content")
     try:
         text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # jinja2 errors, raise_exception() in the template

@@ -51,7 +51,31 @@ class APIError(Exception):
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None):
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    err = {"message": message, "type": type_, "param": param, "code": code}
+    return {"error": {k: _utf8(v) for k, v in err.items()}}
+
+
+def _utf8(s: str | None) -> str | None:
+    """`s` with lone surrogates (from a client's JSON, e.g. "\\ud800" echoed in a message)
+    written as escapes: they cannot be encoded as UTF-8 and would fail the whole answer."""
+    if s is None:
+        return None
+    return s.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_text(value: str, param: str) -> str:
+    """`value`, or a 400 if it holds a lone surrogate (JSON allows "\\ud800"): that is not
+    Unicode text, and neither UTF-8 nor the tokenizer can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(
+            400,
+            f"'{param}' is not valid Unicode: a lone surrogate at character {e.start}",
+            param=param,
+            code="invalid_value",
+        ) from None
+    return value
 
 
 class _Strict(BaseModel):
@@ -239,9 +263,8 @@ def parse(model_cls: type[BaseModel], body: Any) -> Any:
                 400, f"Missing required parameter: '{param}'", param=param, code="missing_parameter"
             ) from None
         msg = err["msg"].removeprefix("Value error, ")
-        raise APIError(
-            400, f"Invalid value for '{param}': {msg}", param=param, code="invalid_value"
-        ) from None
+        where = f"value for '{param}'" if param else "request body"  # e.g. a key pydantic refuses
+        raise APIError(400, f"Invalid {where}: {msg}", param=param, code="invalid_value") from None
 
 
 def _is_union_tag(x) -> bool:

@@ -146,6 +146,7 @@ def test_file_order_blank_lines_and_line_numbers(tmp_path, tok):
 _W = {"role": "user", "content": "x"}
 BAD_LINES = [
     ("not json", "not JSON"),
+    ('{"prompt": "a\\ud800", "completion": "b"}', "lone surrogate"),
     ("[1, 2]", "not a JSON object but an array"),
     ('"text"', "not a JSON object"),
     ({"text": "x"}, "neither format"),

@@ -146,6 +146,9 @@ def test_upload_train_and_call_the_tuned_model(live):
     (['{"prompt": "a", "completion": "b"}',
       '{"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}'],
      "line 2: "),
+    # a lone surrogate escape: was a 500 (the tokenizer's TypeError)
+    (['{"prompt": "a", "completion": "b"}', '{"prompt": "x\\ud800", "completion": "y"}'],
+     "line 2: a string holds a lone surrogate"),
 ])  # fmt: skip
 def test_a_bad_file_is_a_400_naming_its_line(live, lines, where):
     c = oai(live)

@@ -172,6 +172,28 @@ def test_error_statuses_and_envelopes(live):
         assert h.get("/health").json() == {"status": "ok"}
 
 
+def test_lone_surrogates_are_a_400_not_a_500(live):
+    """JSON may escape a lone surrogate ("\\ud800"): it is not Unicode text. Echoed in an error
+    message it failed the UTF-8 encoding of the answer, and the tokenizer refused it: both
+    were 500s."""
+    ok = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "x\ud800"}]}
+    with httpx.Client(base_url=live.url) as h:
+
+        def post(route: str, body: dict) -> httpx.Response:
+            return h.post(route, content=json.dumps(body).encode(),
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+
+        err = assert_error(post("/v1/completions", {**ok, "model": "\ud800"}), 404, "model")
+        assert "\\ud800" in err["message"]  # written as an escape
+        err = assert_error(post("/v1/completions", {**ok, "\udfff": 1}), 400)  # a key
+        assert err["message"].startswith("Invalid request body: ") and err["param"] is None
+        assert_error(post("/v1/completions", {**ok, "prompt": "a\ud800b"}), 400, "prompt")
+        assert_error(post("/v1/completions", {**ok, "prompt": ["ok", "\udc00"]}), 400, "prompt")
+        assert_error(post("/v1/chat/completions", chat), 400, "messages.0.content")
+        assert post("/v1/completions", {**ok, "prompt": "a\ud83d\ude00b"}).status_code == 200
+
+
 def test_metrics_present_and_moving(live, client):
     before = metric_values(httpx.get(live.url + "/metrics").text)
     client.completions.create(model="a", prompt=PROMPT, max_tokens=6, temperature=0,

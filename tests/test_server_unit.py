@@ -161,3 +161,6 @@ def test_confine(tmp_path):
     with pytest.raises(APIError) as e:
         confine(None, "a")
     assert e.value.code == "adapter_root_not_set"
+    with pytest.raises(APIError) as e:  # os.path cannot encode it: was a 500
+        confine(root, "a\ud800")
+    assert e.value.status == 400 and e.value.param == "path"
