@@ -5,6 +5,7 @@ requests, vLLM's aliases, per-tenant usage."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -157,6 +158,10 @@ def test_unload_waits_for_in_flight_requests(live):
         with h.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             chunks.append(next(lines))
+            # hold the engine between steps, so the stream is surely still running below
+            gate = threading.Event()
+            ae = live.ctx.aengine
+            held = asyncio.run_coroutine_threadsafe(ae.call(lambda e: gate.wait(30)), ae._loop)
             result = {}
             t = threading.Thread(
                 target=lambda: result.update(r=client(live, "acme").delete("/v1/adapters/busy"))
@@ -168,6 +173,8 @@ def test_unload_waits_for_in_flight_requests(live):
                 time.sleep(0.002)
             assert_error(complete(h, "busy"), 404)  # new requests: 404 at once
             assert "r" not in result  # ... while the running one keeps going
+            gate.set()
+            assert held.result(10)
             chunks.extend(lines)
         t.join(10)
     assert result["r"].status_code == 200
