@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraplex.memory.pool import IntegrityError
 from loraplex.server import adapters as adapter_routes
 from loraplex.server import finetune_routes, openai_routes, openapi_schema
-from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.async_engine import AsyncEngine, Unavailable
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
@@ -150,7 +151,7 @@ def _register_adapters(ctx: ServerContext) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, e: StarletteHTTPException):
@@ -189,6 +190,31 @@ def _add_service_routes(app: FastAPI) -> None:
     @app.get("/metrics")
     async def metrics(request: Request):
         return Response(get_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/admin/integrity")
+    async def integrity(request: Request):
+        """Admins: the engine's check_integrity() (every pool page owned once; KV tables,
+        adapter residency and training pages consistent), run on the engine thread between
+        steps; 500 integrity_error naming what is wrong."""
+        ctx = get_ctx(request)
+        if not ctx.authenticate(request).admin:
+            raise APIError(403, "only admins may check the engine's integrity")
+
+        def check(engine) -> dict:
+            engine.check_integrity()
+            pool = engine.pool
+            used = {k: pool.pages_used(k) for k in ("kv", "adapter", "train")}
+            return {"ok": True, "pages_total": pool.num_pages, "pages_free": pool.num_free,
+                    "pages_used": used, "running": len(engine.batcher.running),
+                    "waiting": len(engine.batcher.waiting)}  # fmt: skip
+
+        try:
+            return await ctx.aengine.call(check)
+        except (AssertionError, IntegrityError) as e:
+            logger.error("integrity check failed: %s", e)
+            raise APIError(500, f"integrity check failed: {e}", code="integrity_error") from None
+        except Unavailable as e:
+            raise APIError(503, str(e), code="unavailable") from None
 
     @app.get("/v1/usage")
     async def usage(request: Request):

@@ -15,6 +15,7 @@ from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.detokenize import fast_decoder
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import APIError
+from loraplex.server.rate_limits import RateLimits
 from loraplex.server.tenants import AdapterNamespace, Tenant, Tenants
 
 
@@ -31,6 +32,12 @@ class ServerContext:
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)
     _decoder: object = None
+
+    def __post_init__(self) -> None:
+        self.rate_limits = RateLimits(
+            {t.name: (t.requests_per_minute, t.tokens_per_minute)
+             for t in self.tenants.by_name.values()}
+        )  # fmt: skip
 
     @property
     def engine(self):

@@ -137,6 +137,7 @@ class Generation:
         self._open = 0
         self.t_arrival = time.monotonic()
         self.aborted = False
+        self._charged = 0  # tokens taken from the tenant's tokens_per_minute (rate_limits.py)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -147,7 +148,19 @@ class Generation:
         return sum(len(c.token_ids) for c in self.choices)
 
     async def start(self) -> None:
-        """Queue every sequence; APIError (400/404/429/503) if the engine refuses."""
+        """Charge the tenant's rate limits and queue every sequence; APIError (400/404/429/503)
+        if either refuses (then nothing stays charged)."""
+        limits = self.ctx.rate_limits
+        most = sum(len(s.prompt_ids) + s.params.max_tokens for s in self._subs)
+        self._charged = limits.take(self.tenant.name, most)
+        try:
+            await self._add()
+        except BaseException:
+            limits.give_back(self.tenant.name, self._charged)
+            self._charged = 0
+            raise
+
+    async def _add(self) -> None:
         try:
             self._group = await self.ctx.aengine.add(self._subs)
         except QueueFull as e:
@@ -243,6 +256,9 @@ class Generation:
         m.count_request(self.tenant.name, status)
         prompt = self.num_prompt_tokens if self._group is not None else 0
         m.count_tokens(self.tenant.name, prompt, self.num_completion_tokens)
+        used = prompt + self.num_completion_tokens
+        self.ctx.rate_limits.give_back(self.tenant.name, self._charged - used)
+        self._charged = 0
         u = self.tenant.usage
         u.requests += 1
         u.prompt_tokens += prompt

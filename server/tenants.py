@@ -2,7 +2,8 @@
 
 `--tenants FILE.toml` holds `[[tenants]]` tables: `name`, `api_keys` (list), optional
 `admin = true`, optional `adapters = { NAME = "path under --adapter-root" }` (loaded at start,
-owned by that tenant). `--api-key KEY` adds one admin tenant named "admin"; with neither option
+owned by that tenant), optional `requests_per_minute` and `tokens_per_minute` (positive ints;
+server/rate_limits.py). `--api-key KEY` adds one admin tenant named "admin"; with neither option
 the server is open and every request acts as the admin tenant "default".
 
 Adapter names: adapters given with `--adapter` (and the demo's) are *shared*: every tenant sees
@@ -28,7 +29,7 @@ except ModuleNotFoundError:  # Python 3.10
 from loraplex.engine.adapter_dir import ADAPTER_NAME_RE
 
 NAME_RE = ADAPTER_NAME_RE  # one rule for every adapter name (engine/adapter_dir.py)
-TENANT_KEYS = {"name", "api_keys", "admin", "adapters"}
+TENANT_KEYS = {"name", "api_keys", "admin", "adapters", "requests_per_minute", "tokens_per_minute"}
 
 
 @dataclass
@@ -44,6 +45,8 @@ class Tenant:
     admin: bool = False
     adapters: dict[str, str] = field(default_factory=dict)  # public name -> path (from TOML)
     usage: Usage = field(default_factory=Usage)
+    requests_per_minute: int | None = None  # server/rate_limits.py; None: not limited
+    tokens_per_minute: int | None = None
 
 
 def _digest(key: str) -> bytes:
@@ -133,7 +136,14 @@ def _read_toml(path: str) -> tuple[list[Tenant], dict[str, str]]:
             for k, v in adapters.items()
         ):
             raise ValueError(f"{where}: 'adapters' must map adapter names to path strings")
-        tenants.append(Tenant(name, admin=admin, adapters=dict(adapters)))
+        limits = {}
+        for limit in ("requests_per_minute", "tokens_per_minute"):
+            value = row.get(limit)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):  # fmt: skip
+                raise ValueError(f"{where}: {limit!r} must be a positive integer, got {value!r}")
+            limits[limit] = value
+        tenants.append(Tenant(name, admin=admin, adapters=dict(adapters), **limits))
     return tenants, keys
 
 

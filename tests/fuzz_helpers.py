@@ -22,6 +22,11 @@ def examples(default: int) -> int:
     return int(os.environ.get(EXAMPLES_ENV, default))
 
 
+# CI (`make test`) draws the same examples every run, so a run that passed keeps passing until
+# the code changes; `make fuzz` ($LORAPLEX_FUZZ_EXAMPLES set) draws new ones each time.
+DERANDOMIZE = EXAMPLES_ENV not in os.environ
+
+
 def fuzz_server(tmp) -> LiveServer:
     """The tiny model with shared adapter `common`, tenants acme (adapter `support`), globex
     (`support`, `secret`) and admin root; adapters loadable from the test root; fine-tuning."""

@@ -184,3 +184,15 @@ def _requests_by_status(live) -> dict[str, float]:
             status = dict(labels)["status"]
             out[status] = out.get(status, 0) + v
     return out
+
+
+def test_admin_integrity_endpoint_reports_a_broken_pool(live):
+    with httpx.Client(base_url=live.url, timeout=30) as h:
+        ok = h.get("/v1/admin/integrity")
+        assert ok.status_code == 200 and ok.json()["ok"] is True, ok.text
+        assert ok.json()["pages_used"]["kv"] == 0
+        live.engine_call(lambda e: e.kv.ensure(10**6, 16))  # KV pages of no running sequence
+        err = assert_error(h.get("/v1/admin/integrity"), 500, code="integrity_error")
+        assert "1000000" in err["message"]
+        live.engine_call(lambda e: e.kv.free(10**6))
+        assert h.get("/v1/admin/integrity").json()["ok"] is True

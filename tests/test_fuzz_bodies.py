@@ -14,6 +14,7 @@ from collections import Counter
 import httpx
 import pytest
 from fuzz_helpers import (
+    DERANDOMIZE,
     KEYS,
     MAX_MODEL_LEN,
     MODEL,
@@ -215,7 +216,7 @@ def test_fuzzed_bodies_never_5xx(live, route):
     headers = {"Authorization": f"Bearer {KEYS['acme']}", "Content-Type": "application/json"}
     with httpx.Client(base_url=live.url, headers=headers, timeout=120) as client:
 
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
                   suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(body=ROUTES[route], ascii_json=st.booleans())
         def run(body, ascii_json):
@@ -263,7 +264,7 @@ def test_fuzzed_training_files_never_5xx(live):
     with httpx.Client(base_url=live.url, headers=headers, timeout=120) as client:
 
         @settings(max_examples=max(EXAMPLES // 3, 10), deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))  # fmt: skip
+                  derandomize=DERANDOMIZE, suppress_health_check=list(HealthCheck))  # fmt: skip
         @given(
             content=st.one_of(training_file, st.binary(max_size=64)),
             filename=st.one_of(st.just(b"train.jsonl"), st.binary(max_size=12).filter(

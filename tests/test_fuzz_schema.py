@@ -13,6 +13,7 @@ import httpx
 import pytest
 import schemathesis
 from fuzz_helpers import (
+    DERANDOMIZE,
     KEYS,
     MODEL,
     assert_engine_healthy,
@@ -121,7 +122,7 @@ def test_schema_documents_every_route(live, api_schema):
 def _fuzz(live, op, mode: GenerationMode, seen: Counter) -> None:
     """EXAMPLES cases of `op`, each sent with every key of AUTH and validated."""
 
-    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=DERANDOMIZE,
               suppress_health_check=list(HealthCheck))  # fmt: skip
     @given(case=op.as_strategy(generation_mode=mode))
     def run(case):

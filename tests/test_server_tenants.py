@@ -70,6 +70,11 @@ def test_api_keys_required(live):
                      headers={"Authorization": "Bearer wrong"})  # fmt: skip
         assert_error(bad, 401)
         assert h.get("/health").status_code == 200  # probes need no key
+        assert_error(h.get("/v1/admin/integrity"), 401)
+    with client(live, "acme") as h:
+        assert_error(h.get("/v1/admin/integrity"), 403)
+    with client(live, "root") as h:
+        assert h.get("/v1/admin/integrity").json()["ok"] is True
     with client(live, "acme") as h:
         assert complete(h, MODEL).status_code == 200
 
