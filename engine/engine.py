@@ -197,9 +197,11 @@ class Engine:
         prompt: str | list[int],
         params: SamplingParams,
         adapter_id: str | None = None,
+        tenant: str | None = None,
     ) -> Sequence:
-        """Queue a request. Errors (nothing queued): ValueError for bad input or a request that
-        could never fit; UnknownAdapterError for an adapter name that is not loaded."""
+        """Queue a request (of `tenant`: admission shares the engine fairly between tenants).
+        Errors (nothing queued): ValueError for bad input or a request that could never fit;
+        UnknownAdapterError for an adapter name that is not loaded."""
         if request_id in self._requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         uid = self.adapters.uid_of(adapter_id) if adapter_id is not None else None
@@ -209,6 +211,7 @@ class Engine:
             params=params,
             adapter_id=adapter_id,
             adapter_uid=uid,
+            tenant=tenant,
             eos_token_ids=self.spec.eos_token_ids,
         )
         self.batcher.add(seq)
@@ -307,6 +310,7 @@ class Engine:
         pages consistent."""
         check_all(self.pool, self.kv, self.store, self.train_pages)
         self.training.check_integrity()
+        self.batcher.fair.check_integrity([*self.batcher.waiting, *self.batcher.running])
         running = {s.seq_id for s in self.batcher.running}
         if set(self.kv.seq_ids()) - running:
             raise AssertionError(

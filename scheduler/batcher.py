@@ -1,7 +1,8 @@
 """Iteration-level continuous batching with adapter-aware admission.
 
 Each `schedule()` builds one step: running sequences first (decodes, then unfinished prefill
-chunks), then waiting requests admitted FCFS within the token budget and `max_num_seqs`.
+chunks), then waiting requests admitted FCFS within the token budget and `max_num_seqs` (between
+tenants, the least served tenant's oldest request first: scheduler/fairness.py).
 Admission charges the unified pool for the chunk's KV pages plus the adapter's pages when it is
 not resident; idle adapters are evicted (LRU) to make room. A request that cannot be admitted now
 is skipped, not waited on, unless it is older than `starvation_steps`: then nothing younger is
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 
 from loraplex.memory.adapter_store import AdapterStore
 from loraplex.memory.kv_cache import KVCacheManager
+from loraplex.scheduler.fairness import FairShare
 from loraplex.scheduler.sequence import (
     FinishReason,
     ScheduledBatch,
@@ -52,6 +54,7 @@ class Batcher:
         self.step_no = 0
         self.num_preemptions = 0
         self.admitted_last_step: list[Sequence] = []  # waiting -> running in the last schedule()
+        self.fair = FairShare()  # admission order between tenants (scheduler/fairness.py)
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -79,6 +82,7 @@ class Batcher:
         seq.arrival_step = self.step_no
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
+        self.fair.arrive(seq.tenant)
 
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free everything it holds."""
@@ -138,6 +142,7 @@ class Batcher:
                 continue  # seq itself was preempted
             items.append(ScheduledSeq(seq, seq.num_computed_tokens, n))
             scheduled.add(seq.seq_id)
+            self.fair.charge(seq.tenant, n)
             budget -= n
         # 2. Admit waiting requests.
         budget = self._admit(budget, items, scheduled, loaded)
@@ -168,8 +173,10 @@ class Batcher:
         the pages it waits for. Every request that fits is admitted, starving or not (a backlog
         of old requests is admitted as fast as a fresh one)."""
         # Look at the first max_scan requests only: Python work per step stays bounded however
-        # long the queue is (a copy, since admitted requests leave the deque meanwhile).
-        for seq in list(itertools.islice(self.waiting, self.cfg.max_scan)):
+        # long the queue is (a copy, since admitted requests leave the deque meanwhile). Between
+        # tenants, the least served goes first (scheduler/fairness.py).
+        scan = list(itertools.islice(self.waiting, self.cfg.max_scan))
+        for seq in self.fair.order(scan):
             if budget == 0 or len(self.running) >= self.cfg.max_num_seqs:
                 break
             n = min(len(seq), budget)
@@ -193,6 +200,7 @@ class Batcher:
             self.admitted_last_step.append(seq)
             items.append(ScheduledSeq(seq, 0, n))
             scheduled.add(seq.seq_id)
+            self.fair.charge(seq.tenant, n)
             budget -= n
         return budget
 
@@ -222,6 +230,7 @@ class Batcher:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        self.fair.leave(seq.tenant)
 
     # -- after the forward -------------------------------------------------------------------
 

@@ -82,6 +82,7 @@ class Sequence:
     params: SamplingParams
     adapter_id: str | None = None
     adapter_uid: int | None = None
+    tenant: str | None = None  # whose request: admission is fair between tenants
     eos_token_ids: tuple[int, ...] = ()
     arrival_step: int = 0
     seq_id: int = field(default_factory=lambda: next(_seq_counter))

@@ -48,6 +48,7 @@ class Submission:
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None  # the engine's adapter name, None = base model
+    tenant: str | None = None  # whose request (fair admission between tenants)
 
 
 @dataclass
@@ -233,7 +234,9 @@ class AsyncEngine:
         added = []
         try:
             for s in group.subs:
-                seq = self.engine.add_request(s.request_id, s.prompt_ids, s.params, s.adapter)
+                seq = self.engine.add_request(
+                    s.request_id, s.prompt_ids, s.params, s.adapter, tenant=s.tenant
+                )
                 added.append((s.request_id, seq))
         except Exception as e:
             for rid, _ in added:

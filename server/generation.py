@@ -130,7 +130,7 @@ class Generation:
             pi = k // n
             rid = f"{self.id}-{k}"
             self.choices.append(Choice(k, pi, rid, TextStream(tok, prompts[pi], stops, decode)))
-            subs.append(Submission(rid, prompts[pi], p, adapter))
+            subs.append(Submission(rid, prompts[pi], p, adapter, tenant.name))
         self._subs = subs
         self._by_rid = {c.request_id: c for c in self.choices}
         self._group = None
