@@ -95,7 +95,7 @@ def create_app(
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(finetune_routes.router)
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_service_routes(app)
     openapi_schema.install(app)
     pool = engine.pool
@@ -148,7 +148,7 @@ def _register_adapters(ctx: ServerContext) -> None:
             entry.info = engine.add_adapter(entry.engine_name, real)
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)

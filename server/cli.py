@@ -135,10 +135,18 @@ def _make_server(config, aengine):
 def add_outer_commands(
     sub: argparse._SubParsersAction, bench_sub: argparse._SubParsersAction
 ) -> None:
-    """`serve`, and `bench serve` (the load-test suite's, given the engine pieces it needs)."""
+    """`serve`, `serve-ray` (server/ray_cli.py), and `bench serve` (the load-test suite's,
+    given the engine pieces it needs)."""
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+    from loraplex.server import ray_cli  # imports Ray only when the command runs
+
+    serve_ray = sub.add_parser(
+        "serve-ray", help="the same API on Ray Serve: N engine replicas, adapters multiplexed"
+    )
+    ray_cli.add_arguments(serve_ray)
+    serve_ray.set_defaults(func=ray_cli.cmd_serve_ray)
 
     from loraplex.loadtests import bench_options
 
