@@ -11,6 +11,7 @@ error, including unknown routes, answers OpenAI's envelope.
 from __future__ import annotations
 
 import contextlib
+import hmac
 import logging
 import os
 
@@ -24,9 +25,11 @@ from loraplex.memory.pool import IntegrityError
 from loraplex.server import adapters as adapter_routes
 from loraplex.server import finetune_routes, openai_routes, openapi_schema
 from loraplex.server.async_engine import AsyncEngine, Unavailable
+from loraplex.server.config import ServerConfig
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
+from loraplex.server.request_limits import BodyTooLarge, RequestLimits
 from loraplex.server.tenants import Tenants
 
 logger = logging.getLogger(__name__)
@@ -40,44 +43,32 @@ def default_model_id(engine) -> str:
 
 
 def create_app(
-    engine,
-    *,
-    tenants: Tenants | None = None,
-    model_id: str | None = None,
-    adapter_root: str | None = None,
-    max_queue: int | None = None,
-    shutdown_grace_s: float = 30.0,
-    finetune_dir: str | None = None,
-    max_file_bytes: int = 512 << 20,
-    max_jobs_per_tenant: int = 4,
+    engine, config: ServerConfig | None = None, *, tenants: Tenants | None = None
 ) -> FastAPI:
     """ValueError if a tenant's configured adapter cannot be loaded (with the reason)."""
-    if adapter_root is not None and not os.path.isdir(adapter_root):
-        raise ValueError(f"--adapter-root {adapter_root!r} is not a directory")
-    if max_file_bytes < 1 or max_jobs_per_tenant < 1:
-        raise ValueError(
-            f"--max-file-bytes and --max-jobs-per-tenant must be >= 1, got {max_file_bytes}, "
-            f"{max_jobs_per_tenant}"
-        )
-    if max_queue is not None and max_queue < 1:
-        raise ValueError(f"--max-queue must be >= 1, got {max_queue}")
-    aengine = AsyncEngine(engine, max_queue=max_queue)
+    config = config or ServerConfig()
+    if config.adapter_root is not None and not os.path.isdir(config.adapter_root):
+        raise ValueError(f"--adapter-root {config.adapter_root!r} is not a directory")
+    aengine = AsyncEngine(engine, max_queue=config.max_queue)
+    aengine.shutdown_grace_s = config.shutdown_grace_s  # open streams then end with an error
     metrics = Metrics(lambda: aengine.stats)
     aengine.on_queue_time = metrics.queue_time.observe
     ctx = ServerContext(
         aengine=aengine,
         tenants=tenants or Tenants([], {}),
         metrics=metrics,
-        model_id=model_id or default_model_id(engine),
-        adapter_root=adapter_root,
-        shutdown_grace_s=shutdown_grace_s,
+        model_id=config.model_id or default_model_id(engine),
+        adapter_root=config.adapter_root,
+        shutdown_grace_s=config.shutdown_grace_s,
+        config=config,
     )
     _register_adapters(ctx)
-    if finetune_dir is not None:
+    if config.finetune_dir is not None:
         from loraplex.server.finetune_service import FinetuneService
 
-        ctx.finetune = FinetuneService(ctx, finetune_dir, max_file_bytes=max_file_bytes,
-                                       max_jobs_per_tenant=max_jobs_per_tenant)  # fmt: skip
+        ctx.finetune = FinetuneService(ctx, config.finetune_dir,
+                                       max_file_bytes=config.max_file_bytes,
+                                       max_jobs_per_tenant=config.max_jobs_per_tenant)  # fmt: skip
         metrics.set_job_counts(ctx.finetune.db.job_counts)
 
     @contextlib.asynccontextmanager
@@ -92,6 +83,7 @@ def create_app(
 
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx
+    app.add_middleware(RequestLimits, max_bytes=config.max_request_bytes)
     app.include_router(openai_routes.router)
     app.include_router(adapter_routes.router)
     app.include_router(finetune_routes.router)
@@ -149,6 +141,13 @@ def _register_adapters(ctx: ServerContext) -> None:
 
 
 def add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, e: BodyTooLarge):
+        limit = get_ctx(request).config.max_request_bytes
+        message = f"the request body has more than --max-request-bytes {limit} bytes"
+        body = error_body(message, "invalid_request_error", code="request_too_large")
+        return JSONResponse(body, status_code=413, headers={"connection": "close"})
+
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
@@ -189,7 +188,16 @@ def _add_service_routes(app: FastAPI) -> None:
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        return Response(get_ctx(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        ctx = get_ctx(request)
+        key = ctx.config.metrics_key
+        if key is not None:  # --metrics-key: the scraper's bearer key, compared in constant time
+            scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), key.encode()
+            ):
+                raise APIError(401, "/metrics needs the --metrics-key bearer key",
+                               code="invalid_api_key")  # fmt: skip
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/admin/integrity")
     async def integrity(request: Request):

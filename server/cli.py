@@ -47,6 +47,13 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="largest fine-tuning file upload")  # fmt: skip
     g.add_argument("--max-jobs-per-tenant", type=int, default=4,
                    help="fine-tuning jobs of one tenant not yet ended, before 429")  # fmt: skip
+    g.add_argument("--max-request-bytes", type=int, default=16 << 20,
+                   help="largest request body, file uploads aside (413 over it)")  # fmt: skip
+    g.add_argument(
+        "--metrics-key",
+        default=os.environ.get("LORAPLEX_METRICS_KEY") or None,
+        help="a bearer key /metrics asks for (default: $LORAPLEX_METRICS_KEY; none: open)",
+    )
     g.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -60,11 +67,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app, default_model_id
+    from loraplex.server.config import ServerConfig
     from loraplex.server.finetune_service import cache_dir
     from loraplex.server.tenants import Tenants
     from loraplex.server.threads import run_in_fresh_thread
 
     tenants = Tenants.from_options(args.tenants, args.api_key)
+    fields = dict(
+        adapter_root=args.adapter_root,
+        max_queue=args.max_queue,
+        shutdown_grace_s=args.shutdown_timeout,
+        max_file_bytes=args.max_file_bytes,
+        max_jobs_per_tenant=args.max_jobs_per_tenant,
+        max_request_bytes=args.max_request_bytes,
+        metrics_key=args.metrics_key,
+    )
+    ServerConfig(**fields)  # bad options fail here, before the model loads
 
     def build():
         engine = Engine(
@@ -74,17 +92,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
         model_id = args.served_model_name or default_model_id(engine)
         finetune_dir = args.finetune_dir or str(cache_dir() / "finetune" / model_id)
-        return create_app(
-            engine,
-            tenants=tenants,
-            model_id=model_id,
-            adapter_root=args.adapter_root,
-            max_queue=args.max_queue,
-            shutdown_grace_s=args.shutdown_timeout,
-            finetune_dir=finetune_dir,
-            max_file_bytes=args.max_file_bytes,
-            max_jobs_per_tenant=args.max_jobs_per_tenant,
-        )
+        config = ServerConfig(model_id=model_id, finetune_dir=finetune_dir, **fields)
+        return create_app(engine, config, tenants=tenants)
 
     # Torch work only on threads that exit or on the engine thread (see run_in_fresh_thread).
     app = run_in_fresh_thread(build)

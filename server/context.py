@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from loraplex.server.async_engine import AsyncEngine
+from loraplex.server.config import ServerConfig
 from loraplex.server.detokenize import fast_decoder
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import APIError
@@ -28,6 +29,7 @@ class ServerContext:
     adapter_root: str | None = None
     shutdown_grace_s: float = 30.0
     finetune: object = None  # server/finetune_service.py FinetuneService, when enabled
+    config: ServerConfig = field(default_factory=ServerConfig)
     names: AdapterNamespace = field(default_factory=AdapterNamespace)
     created: int = field(default_factory=lambda: int(time.time()))
     _token_text: dict[int, str] = field(default_factory=dict)

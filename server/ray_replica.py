@@ -160,6 +160,7 @@ class EngineReplica:
     async def __init__(self, settings) -> None:
         """`settings`: `ray_app.RaySettings`."""
         from loraplex.server.app import create_app
+        from loraplex.server.config import ServerConfig
         from loraplex.server.ray_app import route_logs
 
         route_logs(settings.log_level)
@@ -171,10 +172,12 @@ class EngineReplica:
 
             return create_app(
                 Engine(settings.engine),
-                model_id=settings.model_id,
-                adapter_root=settings.adapter_root,
-                max_queue=settings.max_queue,
-                shutdown_grace_s=settings.shutdown_grace_s,
+                ServerConfig(
+                    model_id=settings.model_id,
+                    adapter_root=settings.adapter_root,
+                    max_queue=settings.max_queue,
+                    shutdown_grace_s=settings.shutdown_grace_s,
+                ),
             )
 
         # Torch work only on threads that exit or on the engine thread (server/threads.py).

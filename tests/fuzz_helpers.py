@@ -33,6 +33,7 @@ def fuzz_server(tmp) -> LiveServer:
     from loraplex.engine.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app
+    from loraplex.server.config import ServerConfig
     from loraplex.server.tenants import Tenants
 
     m = tiny_model()
@@ -45,9 +46,9 @@ def fuzz_server(tmp) -> LiveServer:
     )
     config = EngineConfig(model=m["model"], **engine_kwargs(max_model_len=MAX_MODEL_LEN))
     engine = Engine(config, {"common": m["adapters"]["c"]})
-    app = create_app(engine, tenants=Tenants.from_options(str(toml)), model_id=MODEL,
-                     adapter_root=m["root"], finetune_dir=str(tmp / "finetune"),
-                     max_file_bytes=64 << 10)  # fmt: skip
+    config = ServerConfig(model_id=MODEL, adapter_root=m["root"],
+                          finetune_dir=str(tmp / "finetune"), max_file_bytes=64 << 10)  # fmt: skip
+    app = create_app(engine, config, tenants=Tenants.from_options(str(toml)))
     return LiveServer(app)
 
 

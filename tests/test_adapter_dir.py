@@ -284,13 +284,14 @@ def test_scattered_adapters_are_read_in_place_from_the_host_blob(tiny, monkeypat
 
 def test_server_skips_a_folder_named_like_the_base_model(tiny, tmp_path, caplog):
     from loraplex.server.app import create_app
+    from loraplex.server.config import ServerConfig
 
     d = tmp_path / "d"
     for name in ("base-id", "ok"):
         shutil.copytree(Path(tiny["dir"]) / "a-r4", d / name)
     engine = Engine(EngineConfig(model=tiny["model"], **KW), adapter_dir=str(d))
     with caplog.at_level(logging.WARNING):
-        create_app(engine, model_id="base-id")
+        create_app(engine, ServerConfig(model_id="base-id"))
     assert [info.name for info in engine.adapters.list()] == ["ok"]
     assert "'base-id': it has the base model's name" in caplog.text
     engine.check_integrity()

@@ -44,6 +44,7 @@ def live(tmp_path_factory):
     from loraplex.engine.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app
+    from loraplex.server.config import ServerConfig
     from loraplex.server.tenants import Tenants
 
     m = tiny_model()
@@ -55,8 +56,9 @@ def live(tmp_path_factory):
     adapters = {"a": m["adapters"]["a"], "b": m["adapters"]["b"]}
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs()), adapters)
     app = create_app(
-        engine, tenants=Tenants.from_options(str(toml)), model_id=MODEL, adapter_root=m["root"]
-    )
+        engine, ServerConfig(model_id=MODEL, adapter_root=m["root"]),
+        tenants=Tenants.from_options(str(toml)),
+    )  # fmt: skip
     srv = LiveServer(app)
     yield srv
     srv.stop()

@@ -183,10 +183,12 @@ def exposed(tmp_path_factory) -> dict[str, set[str]]:
     from loraplex.engine.config import EngineConfig
     from loraplex.engine.engine import Engine
     from loraplex.server.app import create_app
+    from loraplex.server.config import ServerConfig
 
     m = tiny_model()
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs()), {"a": m["adapters"]["a"]})
-    app = create_app(engine, model_id="tiny", finetune_dir=str(tmp_path_factory.mktemp("ft")))
+    finetune_dir = str(tmp_path_factory.mktemp("ft"))
+    app = create_app(engine, ServerConfig(model_id="tiny", finetune_dir=finetune_dir))
     srv = LiveServer(app)
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as h:

@@ -23,6 +23,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.scheduler.sequence import FinishReason, SamplingParams
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 
 MODEL = "tiny"
 
@@ -93,7 +94,7 @@ def test_a_failed_step_fails_its_batch_and_the_engine_goes_on():
 
 @pytest.fixture(scope="module")
 def live():
-    srv = LiveServer(create_app(_engine(), model_id=MODEL))
+    srv = LiveServer(create_app(_engine(), ServerConfig(model_id=MODEL)))
     yield srv
     srv.stop()
 

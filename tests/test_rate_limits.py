@@ -13,6 +13,7 @@ from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.server import rate_limits
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 from loraplex.server.protocol import APIError
 from loraplex.server.rate_limits import RateLimits
 from loraplex.server.tenants import Tenants
@@ -110,7 +111,9 @@ def test_live_limits_are_per_tenant(tmp_path):
     )
     m = tiny_model()
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs()))
-    srv = LiveServer(create_app(engine, tenants=Tenants.from_options(str(toml)), model_id=MODEL))
+    srv = LiveServer(
+        create_app(engine, ServerConfig(model_id=MODEL), tenants=Tenants.from_options(str(toml)))
+    )
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "temperature": 0}
     try:
         acme = httpx.Client(base_url=srv.url, headers={"Authorization": "Bearer acme-key"})

@@ -36,6 +36,7 @@ import ray  # noqa: E402
 from loraplex.engine.config import EngineConfig  # noqa: E402
 from loraplex.engine.engine import Engine  # noqa: E402
 from loraplex.server.app import create_app  # noqa: E402
+from loraplex.server.config import ServerConfig  # noqa: E402
 from loraplex.server.ray_app import APP_NAME, build_app, parse_app_args  # noqa: E402
 from loraplex.server.ray_replica import ADAPTERS_HEADER, REPLICA_HEADER  # noqa: E402
 from loraplex.server.tenants import Tenants  # noqa: E402
@@ -148,7 +149,8 @@ def setup(tmp_path_factory):
     kw = engine_kwargs()
     reference = LiveServer(create_app(
         Engine(EngineConfig(model=m["model"], **kw), adapter_dir=str(library)),
-        tenants=Tenants.from_options(str(toml)), model_id=MODEL, adapter_root=str(root),
+        ServerConfig(model_id=MODEL, adapter_root=str(root)),
+        tenants=Tenants.from_options(str(toml)),
     ))  # fmt: skip
     app = build_app({  # what a `serve run` config's args hold
         "model": m["model"], "served_model_name": MODEL, "adapter_dir": str(library),

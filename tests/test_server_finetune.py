@@ -17,6 +17,7 @@ from server_fixtures import LiveServer, assert_error, engine_kwargs, tiny_model
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 from loraplex.server.tenants import Tenants
 
 MODEL = "tiny"
@@ -42,8 +43,9 @@ def _server(tmp, finetune_dir, **kw) -> LiveServer:
     engine = Engine(
         EngineConfig(model=m["model"], **engine_kwargs(finetune_max_tokens_per_step=128))
     )
-    app = create_app(engine, tenants=Tenants.from_options(_toml(tmp)), model_id=MODEL,
-                     adapter_root=m["root"], finetune_dir=str(finetune_dir), **kw)  # fmt: skip
+    config = ServerConfig(model_id=MODEL, adapter_root=m["root"], finetune_dir=str(finetune_dir),
+                          **kw)  # fmt: skip
+    app = create_app(engine, config, tenants=Tenants.from_options(_toml(tmp)))
     return LiveServer(app)
 
 

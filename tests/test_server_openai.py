@@ -25,6 +25,7 @@ from server_fixtures import (
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 
 MODEL = "tiny"
 
@@ -34,7 +35,7 @@ def live():
     m = tiny_model()
     adapters = {"a": m["adapters"]["a"], "b": m["adapters"]["b"]}
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs()), adapters)
-    srv = LiveServer(create_app(engine, model_id=MODEL))
+    srv = LiveServer(create_app(engine, ServerConfig(model_id=MODEL)))
     yield srv
     srv.stop()
 
@@ -287,7 +288,9 @@ def test_queue_full_then_shutdown():
     """--max-queue: 429 once the waiting queue is full; while shutting down: 503."""
     m = tiny_model()
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs(max_num_seqs=1)))
-    srv = LiveServer(create_app(engine, model_id=MODEL, max_queue=1, shutdown_grace_s=0.5))
+    srv = LiveServer(
+        create_app(engine, ServerConfig(model_id=MODEL, max_queue=1, shutdown_grace_s=0.5))
+    )
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 900, "ignore_eos": True, "stream": True}
     try:
         with httpx.Client(base_url=srv.url, timeout=10) as h:
@@ -317,7 +320,7 @@ def test_engine_failure_fails_requests_and_health(monkeypatch):
     from fastapi.testclient import TestClient
 
     engine = Engine(EngineConfig(model=tiny_model()["model"], **engine_kwargs()))
-    app = create_app(engine, model_id=MODEL)
+    app = create_app(engine, ServerConfig(model_id=MODEL))
 
     def broken_step():
         raise RuntimeError("device lost")

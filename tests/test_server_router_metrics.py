@@ -13,6 +13,7 @@ from server_fixtures import LiveServer, engine_kwargs, metric_values, tiny_model
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 
 INFO = "loraplex_lora_requests_info"
 
@@ -29,7 +30,7 @@ def test_lora_requests_info_follows_running_and_waiting_adapters():
     m = tiny_model()
     adapters = {n: m["adapters"][n] for n in ("a", "b", "c")}
     engine = Engine(EngineConfig(model=m["model"], **engine_kwargs(max_num_seqs=1)), adapters)
-    srv = LiveServer(create_app(engine, model_id="tiny"))
+    srv = LiveServer(create_app(engine, ServerConfig(model_id="tiny")))
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as h:
             labels, value, usage = _info(h)

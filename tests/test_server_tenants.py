@@ -25,6 +25,7 @@ from server_fixtures import (
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
 from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
 from loraplex.server.tenants import Tenants
 
 MODEL = "tiny"
@@ -46,8 +47,9 @@ def live(tmp_path_factory):
         EngineConfig(model=m["model"], **engine_kwargs()), {"common": m["adapters"]["c"]}
     )
     app = create_app(
-        engine, tenants=Tenants.from_options(str(toml)), model_id=MODEL, adapter_root=m["root"]
-    )
+        engine, ServerConfig(model_id=MODEL, adapter_root=m["root"]),
+        tenants=Tenants.from_options(str(toml)),
+    )  # fmt: skip
     srv = LiveServer(app)
     yield srv
     srv.stop()
