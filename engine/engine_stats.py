@@ -20,6 +20,7 @@ class EngineStats:
     adapters_host: int = 0
     adapter_loads: int = 0
     adapter_evictions: int = 0
+    preemptions: int = 0  # running sequences sent back to the queue (KV pages ran out)
     pages_train: int = 0
     pages_evictable: int = 0  # idle adapters' pages: free for KV on demand
     finetune_running: int = 0
@@ -63,6 +64,7 @@ class StatsTaker:
             adapters_host=s.num_registered,
             adapter_loads=s.loads,
             adapter_evictions=s.evictions,
+            preemptions=b.num_preemptions,
             pages_train=p.pages_used("train"),
             pages_evictable=s.evictable_pages(),
             finetune_running=len(self.training.running()),

@@ -91,6 +91,11 @@ class _EngineCollector:
             "loraplex_adapter_loads", "Adapter copies into pool pages", value=s.adapter_loads
         )
         yield CounterMetricFamily(
+            "loraplex_num_preemptions",
+            "Running sequences preempted (KV pages ran out) and requeued by recompute",
+            value=s.preemptions,
+        )
+        yield CounterMetricFamily(
             "loraplex_adapter_evictions",
             "Adapters evicted from pool pages",
             value=s.adapter_evictions,
