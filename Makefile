@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: serve test lint format bench clean-venv loadtest fuzz
+.PHONY: serve test lint format bench clean-venv loadtest fuzz soak
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -43,6 +43,14 @@ loadtest: $(STAMP)
 fuzz: $(STAMP)
 	LORAPLEX_FUZZ_EXAMPLES=$(or $(FUZZ_EXAMPLES),2000) $(BIN)/python -m pytest -q \
 		tests/test_fuzz_schema.py tests/test_fuzz_bodies.py $(PYTEST_ARGS)
+
+# The soak (#18): DURATION (default 10m) of streamed traffic from three tenants over 2x
+# oversubscribed adapters on the demo model, with adapter load/unload loops, fine-tuning jobs,
+# integrity and RSS checks, then the fairness phase; exit 1 if a pass criterion fails.
+# Results in results/soak (results.json, results.md, server.log). SOAK_ARGS: e.g. "--rpm 60".
+soak: $(STAMP)
+	$(BIN)/python -m loraplex.loadtests.soak --duration $(or $(DURATION),10m) \
+		--results $(or $(RESULTS),results/soak) $(SOAK_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,6 +15,9 @@ Contracts:
 - `abort(ids)` is synchronous and thread-safe (usable in `finally` blocks of cancelled tasks);
   an aborted sequence frees its pages and gets no further output.
 - `remove_adapter(name)` resolves once no queued or running request uses it and it is freed.
+- `begin_shutdown()` (SIGTERM) refuses new work; with `shutdown_grace_s` set, whatever is
+  still in flight just before uvicorn's graceful timeout (`max(1, int(grace))` s, cli.py) is
+  aborted with an error, so each open stream ends with an error event, not a cut connection.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from loraplex.engine.engine_stats import EngineStats
 from loraplex.scheduler.sequence import FinishReason, SamplingParams, StepOutput
 
 logger = logging.getLogger(__name__)
+EXPIRE_MARGIN_S = 0.5  # before uvicorn's graceful timeout: time to send the error events
 
 
 class QueueFull(RuntimeError):
@@ -76,6 +80,8 @@ class AsyncEngine:
         self.max_queue = max_queue
         self.on_queue_time = on_queue_time
         self.draining = False
+        self.shutdown_grace_s: float | None = None  # set by create_app (--shutdown-timeout)
+        self._expiry_set = False
         self.dead: str | None = None
         self.stats = EngineStats()
         self._cmds: queue.SimpleQueue = queue.SimpleQueue()
@@ -107,8 +113,20 @@ class AsyncEngine:
         return len(self._routes)
 
     def begin_shutdown(self) -> None:
-        """Refuse new work from now on (503); in-flight requests continue."""
+        """Refuse new work from now on (503); in-flight requests continue until shortly before
+        uvicorn's graceful timeout, then end with an error (module docstring). Callable from a
+        signal handler."""
         self.draining = True
+        grace, loop = self.shutdown_grace_s, self._loop
+        if grace is None or loop is None or loop.is_closed() or self._expiry_set:
+            return
+        self._expiry_set = True
+        delay = max(0.0, min(grace, max(1, int(grace))) - EXPIRE_MARGIN_S)
+        loop.call_soon_threadsafe(loop.call_later, delay, self._expire)
+
+    def _expire(self) -> None:
+        with contextlib.suppress(Unavailable):
+            self._put(("expire",))
 
     async def shutdown(self, grace_s: float = 30.0) -> None:
         """Let in-flight requests finish for up to `grace_s`, abort the rest, stop the thread."""
@@ -229,6 +247,11 @@ class AsyncEngine:
         elif kind == "remove":
             self._removals.append((cmd[1], cmd[2]))
             self._try_removals()
+        elif kind == "expire" and self._routes:
+            logger.warning("shutdown: aborting %d sequences still running after the grace "
+                           "period", len(self._routes))  # fmt: skip
+            self._abort_all("the server shut down before the request finished "
+                            "(--shutdown-timeout)")  # fmt: skip
 
     def _apply_add(self, group: RequestGroup, fut: asyncio.Future) -> None:
         added = []
@@ -289,19 +312,7 @@ class AsyncEngine:
 
     def _fail_all(self, reason: str) -> None:
         """Abort everything in flight and answer every pending command (thread exit)."""
-        now = time.monotonic()
-        deliveries = []
-        for rid, group in list(self._routes.items()):
-            try:
-                self.engine.abort(rid)
-            except Exception:  # the engine may be broken; the outputs below still go out
-                logger.debug("abort of %s failed during shutdown", rid, exc_info=True)
-            seq_out = StepOutput(rid, [], [], [], True, FinishReason.ABORT, 0, 0, error=reason)
-            deliveries.append((group.queue, seq_out))
-        self._routes.clear()
-        self._unstarted.clear()
-        if deliveries and self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(_deliver, deliveries, now)
+        self._abort_all(reason)
         for _, fut in self._removals:
             self._resolve(fut, exc=Unavailable(reason))
         self._removals = []
@@ -315,6 +326,22 @@ class AsyncEngine:
                     self._resolve(cmd[-1], exc=Unavailable(reason))
         except queue.Empty:
             pass
+
+    def _abort_all(self, reason: str) -> None:
+        """Abort every sequence in flight; each gets finished=True, ABORT, error=reason."""
+        now = time.monotonic()
+        deliveries = []
+        for rid, group in list(self._routes.items()):
+            try:
+                self.engine.abort(rid)
+            except Exception:  # the engine may be broken; the outputs below still go out
+                logger.debug("abort of %s failed during shutdown", rid, exc_info=True)
+            seq_out = StepOutput(rid, [], [], [], True, FinishReason.ABORT, 0, 0, error=reason)
+            deliveries.append((group.queue, seq_out))
+        self._routes.clear()
+        self._unstarted.clear()
+        if deliveries and self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(_deliver, deliveries, now)
 
     def _dec_waiting(self, n: int) -> None:
         with self._waiting_lock:
