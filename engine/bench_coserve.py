@@ -2,19 +2,23 @@
 against each alone and against the status quo (a separate PEFT trainer process).
 
 Phases, in this order, one engine for all (each phase's measured window comes after `--warmup`
-seconds; every phase starts its load and job afresh):
-1. inference alone: a closed loop of `--concurrency` requests (`--prompt-len` random token ids,
-   seeded; greedy, `ignore_eos`, exactly `--output-len` tokens, the first wave staggered:
-   `ClosedLoop`; adapter i mod K for the i-th request), each finished request replaced at
-   once, for `--duration` seconds.
+seconds; every phase starts its load and job afresh; loads: engine/bench_coserve_load.py):
+1. inference alone, closed loop: `--concurrency` requests in flight (`--prompt-len` random
+   token ids, greedy, exactly `--output-len` tokens), each finished one replaced at once, for
+   `--duration` seconds. The engine never idles: its tokens/s is the capacity.
 2. training alone: one co-served job (engine/training_jobs.py) on the idle engine.
-3. co-served: the load of 1 and the job of 2 together.
-4. training alone (PEFT process): `python -m loraplex.engine.bench_coserve_peft` trains the same
+3. co-served, closed loop: the load of 1 and the job of 2 together.
+4. for each fraction L of `--inference-load` (default 0.5,0.3): inference alone, open loop:
+   Poisson arrivals of the same requests at L x capacity / output-len requests/s (offered
+   L x capacity tokens/s; the engine idles between them), then co-served at that load (the
+   same arrivals).
+5. training alone (PEFT process): `python -m loraplex.engine.bench_coserve_peft` trains the same
    adapter (same checkpoint, data, rank, targets, alpha, lr, batches, init seed) with
    transformers + PEFT + AdamW; the engine idles.
-5. status quo: that process goes on training while the engine serves the load of 1.
+6. status quo: that process goes on training while the engine serves the closed loop, then
+   each open loop of 4.
 The PEFT process gets as many torch threads as the engine's process has (both default to the
-machine's cores: oversubscribed, as two such processes would be). `--no-status-quo` skips 4-5.
+machine's cores: oversubscribed, as two such processes would be). `--no-status-quo` skips 5-6.
 
 The job: `--train-examples` seeded random examples of `--train-len` MIN,MAX tokens, the first
 half of each untrained prompt, the second half trained (labels); rank `--rank` (alpha = 2 x
@@ -33,17 +37,16 @@ import datetime
 import json
 import logging
 import os
-import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from loraplex.engine import bench_coserve_report as rep
+from loraplex.engine.bench_coserve_load import ClosedLoop, EngineJob, OpenLoop, make_examples
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--duration", type=float, default=25.0, help="measured seconds per phase")
     g.add_argument("--warmup", type=float, default=4.0, help="unmeasured seconds before each")
     g.add_argument("--concurrency", type=int, default=4, help="closed-loop requests in flight")
+    g.add_argument("--inference-load", default="0.5,0.3",
+                   help="open-loop loads, fractions of the closed loop's tokens/s, comma-separated "
+                        "('' = none)")  # fmt: skip
     g.add_argument("--prompt-len", type=int, default=64)
     g.add_argument("--output-len", type=int, default=64)
     g.add_argument("--num-adapters", type=int, default=8, help="served adapters (0 = base)")
@@ -71,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="results dir (default: a new temp dir)")
 
 
-def _check(args) -> tuple[list[int], tuple[int, int], tuple[str, ...]]:
+def _check(args) -> tuple[list[int], tuple[int, int], tuple[str, ...], list[float]]:
     for name in ("duration", "concurrency", "prompt_len", "output_len", "train_examples",
                  "rank", "batch_size"):  # fmt: skip
         if not getattr(args, name) > 0:
@@ -84,6 +90,12 @@ def _check(args) -> tuple[list[int], tuple[int, int], tuple[str, ...]]:
     except ValueError:
         raise ValueError(f"--ranks takes integers, --train-len MIN,MAX: got {args.ranks!r}, "
                          f"{args.train_len!r}") from None  # fmt: skip
+    try:
+        loads = [float(x) for x in args.inference_load.split(",") if x.strip()]
+    except ValueError:
+        loads = [0.0]
+    if not all(0 < x <= 1 for x in loads):
+        raise ValueError(f"--inference-load takes fractions in (0, 1], got {args.inference_load!r}")
     if not ranks or min(ranks) < 1:
         raise ValueError(f"--ranks must be positive integers, got {args.ranks!r}")
     if not 2 <= lo <= hi:
@@ -95,146 +107,122 @@ def _check(args) -> tuple[list[int], tuple[int, int], tuple[str, ...]]:
             raise ValueError("the status quo needs peft: `pip install -e .[bench]` (or pass "
                              "--no-status-quo)") from None  # fmt: skip
     modules = tuple(m.strip() for m in args.target_modules.split(",") if m.strip())
-    return ranks, (lo, hi), modules
-
-
-def make_examples(n: int, lengths: tuple[int, int], vocab: int, seed: int):
-    """n seeded random examples: the first half of each untrained, the second half trained."""
-    from loraplex.engine.finetune_data import Example
-
-    rng, low = random.Random(seed), 4 if vocab > 64 else 0  # no demo special tokens
-    out = []
-    for i in range(n):
-        ids = [rng.randrange(low, vocab) for _ in range(rng.randint(*lengths))]
-        half = len(ids) // 2
-        out.append(Example(ids, [-100] * half + ids[half:], i + 1))
-    return out
-
-
-@dataclass
-class _Req:
-    submit: float
-    times: list[float] = field(default_factory=list)
-
-
-class ClosedLoop:
-    """`concurrency` requests in the engine at all times; stamps every emitted token. The first
-    C requests ask for output_len x (i + 1) / C tokens, later ones for output_len: finishes,
-    and so the prefills of their replacements, stay spread evenly over the steps (as in a
-    steady stream) instead of all C landing in one step."""
-
-    def __init__(self, engine, names: list[str], args, tag: str) -> None:
-        from loraplex.scheduler.sequence import SamplingParams
-
-        self.engine, self.names, self.tag, self.n = engine, names, tag, 0
-        self.concurrency, self.prompt_len = args.concurrency, args.prompt_len
-        c, out = args.concurrency, args.output_len
-        self.params = [SamplingParams(max_tokens=max(1, out * (i + 1) // c), temperature=0.0,
-                                      ignore_eos=True) for i in range(c)]  # fmt: skip
-        self.rng = random.Random(args.seed)  # every phase replays the same prompts
-        self.low, self.vocab = (4 if engine.spec.vocab_size > 64 else 0), engine.spec.vocab_size
-        self.active: dict[str, _Req] = {}
-        self.done: list[_Req] = []
-
-    def fill(self) -> None:
-        while len(self.active) < self.concurrency:
-            rid = f"{self.tag}-{self.n}"
-            prompt = [self.rng.randrange(self.low, self.vocab) for _ in range(self.prompt_len)]
-            name = self.names[self.n % len(self.names)] if self.names else None
-            params = self.params[min(self.n, self.concurrency - 1)]
-            self.engine.add_request(rid, prompt, params, name)
-            self.active[rid], self.n = _Req(time.monotonic()), self.n + 1
-
-    def record(self, outputs, now: float) -> None:
-        for out in outputs:
-            req = self.active.get(out.request_id)
-            if req is not None:
-                req.times += [now] * len(out.new_token_ids)
-                if out.finished:
-                    self.done.append(self.active.pop(out.request_id))
-
-    def stop(self) -> list[_Req]:
-        for rid in list(self.active):
-            self.engine.abort(rid)
-            self.done.append(self.active.pop(rid))
-        return self.done
-
-
-class EngineJob:
-    """A co-served job; `events` stamps each optimizer step when the step() that ended it
-    returns."""
-
-    def __init__(self, engine, job_id: str, config, examples, out_dir: Path) -> None:
-        bs = config.batch_size
-        batches = [examples[i : i + bs] for i in range(0, len(examples), bs)]
-        self.padded = [len(b) * max(len(e.input_ids) for e in b) for b in batches]
-        self.engine, self.job_id = engine, job_id
-        self.job = engine.submit_finetune(job_id, config, examples, str(out_dir / job_id))
-        self.events: list[tuple[float, int, int, float]] = []
-
-    def poll(self, now: float) -> None:
-        for e in self.job.log[len(self.events) :]:
-            self.events.append((now, e.tokens, self.padded[(e.step - 1) % len(self.padded)],
-                                e.loss))  # fmt: skip
-        if self.job.status.value == "failed":
-            raise RuntimeError(f"fine-tuning job {self.job_id} failed: {self.job.reason}")
-
-    def stop(self) -> None:
-        self.engine.cancel_finetune(self.job_id)
+    return ranks, (lo, hi), modules, loads
 
 
 def run_phase(name: str, engine, args, *, load=None, job=None, peft=None) -> dict:
     """Warm up, then measure `--duration` s: step the engine (or idle while only the PEFT
-    process trains). The load and the job are stopped at the end."""
+    process trains; an open loop's engine sleeps until the next arrival when it has nothing to
+    do). The load and the job are stopped at the end. Besides the metrics: the share of the
+    window the engine spent in inference (its steps less their training units) and in training
+    units ("inference_busy", "training_busy")."""
     start = time.monotonic()
     t0, t1 = start + args.warmup, start + args.warmup + args.duration
-    meter, now = None, start
+    meter, now, stepping, trained = None, start, 0.0, 0.0
     bar = tqdm(total=round(args.warmup + args.duration), desc=name, unit="s", leave=False,
                mininterval=1.0, file=sys.stderr)  # fmt: skip
     while now < t1:
         if meter is None and now >= t0:
-            meter = rep.CpuMeter(peft.pid if peft else None)
+            meter, trained = rep.CpuMeter(peft.pid if peft else None), engine.training.seconds
         if load is not None or job is not None:
             if load is not None:
-                load.fill()
+                load.fill(now)
             outputs = engine.step()
-            now = time.monotonic()
+            later = time.monotonic()
+            if meter is not None:
+                stepping += later - max(now, meter.start[0])
+            now = later
             if load is not None:
                 load.record(outputs, now)
             if job is not None:
                 job.poll(now)
+            if load is not None and not engine.has_unfinished():  # open loop, nothing to do
+                time.sleep(max(0.0, min(load.next_arrival(), t1) - now))
+                now = time.monotonic()
         else:
             time.sleep(min(0.1, max(0.0, t1 - now)))
             now = time.monotonic()
         bar.update(int(now - start) - bar.n)
     bar.close()
-    result = {}
+    meter = meter or rep.CpuMeter()
+    wall = max(now - meter.start[0], 1e-9)
+    trained = engine.training.seconds - trained
+    result = {"offered_tok_s": getattr(load, "offered", None)}
     if load is not None:
         result |= rep.inference_metrics(load.stop(), t0, t1)
+        result["inference_busy"] = (stepping - trained) / wall
     events = job.events if job is not None else peft.events if peft is not None else None
     if events is not None:
         result |= rep.training_metrics(events, t0, t1)
         result["losses"] = [e[3] for e in events[:20]]
     if job is not None:
+        result["training_busy"] = trained / wall
         if job.job.status.value == "queued":
             raise ValueError(f"the fine-tuning job never started: {job.job.reason}")
         job.stop()
-    result |= (meter or rep.CpuMeter()).read()
+    result |= meter.read()
     logger.info("%s: %s", name, {k: v for k, v in result.items() if k != "losses"})
     return result
+
+
+def _phases(engine, names, args, job_config, examples, out: Path, loads, peft_args) -> dict:
+    """The phases of the module docstring, in order: {phase name: its metrics}."""
+    from loraplex.engine.bench_coserve_peft import PeftProcess
+
+    phases: dict[str, dict] = {}
+
+    def run(kind: str, load=None, job=None, peft=None, level=None) -> None:
+        name = rep.phase(kind, level)
+        phases[name] = run_phase(name, engine, args, load=load, job=job, peft=peft)
+        phases[name] |= {"kind": kind, "load": level}
+
+    def job(tag: str) -> EngineJob:
+        return EngineJob(engine, tag, job_config, examples, out)
+
+    def open_loop(tag: str, i: int, level: float) -> OpenLoop:
+        rate = level * capacity / args.output_len
+        return OpenLoop(engine, names, args, f"{tag}-{i}", rate, seed=args.seed + 1000 * (i + 1))
+
+    run(rep.INFERENCE, load=ClosedLoop(engine, names, args, "alone"))
+    capacity = phases[rep.ALONE]["inference_tok_s"]
+    if not capacity > 0 and loads:
+        raise RuntimeError("the closed loop emitted no tokens: no capacity to take a share of")
+    run(rep.TRAINING, job=job("solo"))
+    run(rep.COSERVED, load=ClosedLoop(engine, names, args, "coserve"), job=job("coserve"))
+    for i, level in enumerate(loads):
+        run(rep.INFERENCE, load=open_loop("alone", i, level), level=level)
+        run(rep.COSERVED, load=open_loop("coserve", i, level), job=job(f"coserve-{i}"),
+            level=level)  # fmt: skip
+    if not args.status_quo:
+        return phases
+    seconds = 2 * (2 + len(loads)) * (args.warmup + args.duration) + 60
+    peft = PeftProcess(
+        [*peft_args, "--examples", str(out / "examples.json"), "--alpha", str(2.0 * args.rank),
+         "--batch-size", str(args.batch_size), "--learning-rate", str(args.learning_rate),
+         "--seed", str(args.seed), "--dtype", args.dtype, "--max-seconds", str(seconds)],
+        out / "peft_process.log",
+    )  # fmt: skip
+    try:
+        peft.wait_for(lambda: peft.events, "its first optimizer step")
+        run(rep.PEFT, peft=peft)
+        run(rep.STATUS, load=ClosedLoop(engine, names, args, "status-quo"), peft=peft)
+        for i, level in enumerate(loads):
+            run(rep.STATUS, load=open_loop("status-quo", i, level), peft=peft, level=level)
+    finally:
+        peft.stop()
+    return phases
 
 
 def coserve(args: argparse.Namespace) -> int:
     """Run the phases; print the table and targets; write results.json and results.md."""
     from loraplex.engine.bench import _assets, _cpu_model, _pool_bytes
-    from loraplex.engine.bench_coserve_peft import PeftProcess
     from loraplex.engine.cli import engine_config
     from loraplex.engine.engine import Engine
     from loraplex.engine.loader import load_model_spec
     from loraplex.engine.train_memory import pages_needed
     from loraplex.engine.trainer import FinetuneConfig
 
-    ranks, lengths, modules = _check(args)
+    ranks, lengths, modules, loads = _check(args)
     job_config = FinetuneConfig(rank=args.rank, alpha=2.0 * args.rank, target_modules=modules,
                                 epochs=EPOCHS, batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, seed=args.seed)  # fmt: skip
@@ -259,37 +247,32 @@ def coserve(args: argparse.Namespace) -> int:
         machine = f"{_cpu_model()}, {os.cpu_count()} cpus, torch {torch.__version__}"
         print(f"model: {model_dir} ({args.dtype}); adapters: {', '.join(names) or 'none'}")
         print(f"load: closed loop of {args.concurrency} x {args.prompt_len} prompt + "
-              f"{args.output_len} output tokens; job: {len(examples)} examples of "
+              f"{args.output_len} output tokens, then open loops at "
+              f"{', '.join(f'{x:.0%}' for x in loads) or 'none'} of its tokens/s; "
+              f"job: {len(examples)} examples of "
               f"{lengths[0]}-{lengths[1]} tokens, rank {args.rank} on {','.join(modules)}, "
               f"batch {args.batch_size}")  # fmt: skip
         print(f"machine: {machine}, torch threads {threads} (the PEFT process too)", flush=True)
 
-        phases: dict[str, dict] = {}
-        phases[rep.ALONE] = run_phase(rep.ALONE, engine, args,
-                                      load=ClosedLoop(engine, names, args, "alone"))  # fmt: skip
-        job = EngineJob(engine, "solo", job_config, examples, out)
-        phases[rep.TRAIN] = run_phase(rep.TRAIN, engine, args, job=job)
-        load = ClosedLoop(engine, names, args, "coserve")
-        job = EngineJob(engine, "coserve", job_config, examples, out)
-        phases[rep.COSERVE] = run_phase(rep.COSERVE, engine, args, load=load, job=job)
-        if args.status_quo:
-            peft = PeftProcess(
-                ["--model", model_dir, "--examples", str(out / "examples.json"),
-                 "--rank", str(args.rank), "--alpha", str(2.0 * args.rank),
-                 "--target-modules", ",".join(modules), "--batch-size", str(args.batch_size),
-                 "--learning-rate", str(args.learning_rate), "--seed", str(args.seed),
-                 "--threads", str(threads), "--dtype", args.dtype,
-                 "--max-seconds", str(4 * (args.warmup + args.duration) + 60)],
-                out / "peft_process.log",
-            )  # fmt: skip
-            try:
-                peft.wait_for(lambda: peft.events, "its first optimizer step")
-                phases[rep.PEFT_SOLO] = run_phase(rep.PEFT_SOLO, engine, args, peft=peft)
-                load = ClosedLoop(engine, names, args, "status-quo")
-                phases[rep.STATUS_QUO] = run_phase(rep.STATUS_QUO, engine, args, load=load,
-                                                   peft=peft)  # fmt: skip
-            finally:
-                peft.stop()
+        phases = _phases(
+            engine,
+            names,
+            args,
+            job_config,
+            examples,
+            out,
+            loads,
+            [
+                "--model",
+                model_dir,
+                "--rank",
+                str(args.rank),
+                "--target-modules",
+                ",".join(modules),
+                "--threads",
+                str(threads),
+            ],
+        )
         engine.check_integrity()
 
     found = rep.targets(phases)
@@ -307,7 +290,8 @@ def coserve(args: argparse.Namespace) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "command": rep.command(),
         "workload": f"closed loop {args.concurrency} x {args.prompt_len}+{args.output_len} "
-                    f"tokens over {len(names)} adapters",
+                    f"tokens over {len(names)} adapters, open loops (Poisson) at "
+                    f"{', '.join(f'{x:.0%}' for x in loads) or 'none'} of its tokens/s",
         "job": f"{len(examples)} examples of {lengths[0]}-{lengths[1]} tokens, rank {args.rank} "
                f"on {','.join(modules)}, batch {args.batch_size}, lr {args.learning_rate}",
         "model": model_dir, "pages_train": state + act,

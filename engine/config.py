@@ -37,7 +37,8 @@ class EngineConfig:
         shape is not one it handles).
     finetune_*: co-served fine-tuning (engine/training_jobs.py): the most padded tokens of a
         training micro-batch; the inter-token latency target of running requests (ms, None =
-        use `finetune_step_share`: training may add that share of each step's inference time);
+        use `finetune_step_share`: over busy steps, training time is that share of inference
+        time, a debt carried between steps; idle steps train freely);
         how many jobs hold memory and train at once (the rest queue).
     """
 

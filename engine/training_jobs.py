@@ -4,18 +4,27 @@ A job trains one adapter on the engine's loaded base model (engine/trainer.py: e
 AdamW) while the engine serves. It is a part beside the step: after each step's inference,
 `TrainingJobs.run(StepLoad)` gives the running job the time and tokens that step leaves.
 
-Scheduling, per engine step:
-* Inference first. With inference running, a job's micro-batch holds at most
-  min(`finetune_max_tokens_per_step`, `max_num_batched_tokens` - the step's inference tokens)
-  padded tokens (at least one example), and it runs units (one decoder layer's forward, the
-  head, or one layer's backward: engine/train_forward.py `MicroBatch`) while their measured
-  cost fits the step's training time: `finetune_itl_slo_ms` minus the inference time when that
-  target is set, else `finetune_step_share` x the inference time (0.25: the inter-token latency
-  of running requests grows by about a quarter at most). At least one unit runs per step, so
-  a job always progresses; a unit is one layer of one micro-batch, and micro-batches shrink to
-  what the measured per-token cost allows.
-* With no inference running, the job runs one whole micro-batch of
-  `finetune_max_tokens_per_step` tokens per step (a new request waits at most that long).
+Scheduling: training's time is budgeted over a window of steps, not per step.
+* Inference first. Each step that ran inference earns training a credit: `finetune_step_share`
+  x the step's inference time (0.25: over any stretch of busy steps, training adds about a
+  quarter to the time inference alone would take), or `finetune_itl_slo_ms` minus it when that
+  target is set (what keeps the step within the target). A unit (one decoder layer's forward,
+  the head, or one layer's backward: engine/train_forward.py `MicroBatch`) starts only while
+  the credit is positive; its measured cost is then taken off, so one unit may overrun the
+  step's credit and leave a debt, which the next steps pay back by running no training until
+  the credit is positive again. More units run in the same step while their estimated cost
+  fits what is left. Credit never exceeds one step's earning (a quiet stretch buys no burst).
+  Over a window, training seconds (units, optimizer steps, checkpoints) / inference seconds =
+  the share, within one unit's cost.
+* A micro-batch holds at most min(`finetune_max_tokens_per_step`, `max_num_batched_tokens` -
+  the step's inference tokens) padded tokens, and no more than the step's credit pays for at
+  the measured per-token cost of a layer's backward, but at least one example: when even that
+  costs more than a step earns, one step in every few runs a unit and the others none.
+* With no inference running, training takes everything: a step runs one unit (a new request
+  waits at most one unit) and any debt is forgiven (idle time was nobody's). Micro-batches
+  grow to `finetune_max_tokens_per_step` (cheaper per token) once no step has run inference
+  for IDLE_GROW_SECONDS; before that they keep the last busy step's size, so that a request
+  arriving in a short lull meets units of about a step's credit, not a full micro-batch's.
 * Jobs start in submission order, at most `finetune_max_running_jobs` at once, each when its
   pages fit (memory/train_pages.py; idle adapters are evicted for it like for KV). A job that
   does not fit stays queued with the reason in `job.reason`. Running jobs take turns by step.
@@ -37,6 +46,7 @@ inference forward stays free of autograd and of training branches.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -51,6 +61,7 @@ from loraplex.memory.pool import IntegrityError, PoolExhausted
 from loraplex.memory.train_pages import TrainingPages
 
 logger = logging.getLogger(__name__)
+IDLE_GROW_SECONDS = 5.0  # idle this long, micro-batches grow to finetune_max_tokens_per_step
 
 
 class TrainingJobs:
@@ -75,6 +86,11 @@ class TrainingJobs:
         self._numbers = 0
         self._turn = 0
         self._cost: dict[str, float] = {}  # seconds per padded token of each unit kind (EMA)
+        self.credit = 0.0  # seconds training may still spend; negative: a debt to pay back
+        self.seconds = 0.0  # seconds spent in training units, all jobs (for benchmarks)
+        self.clock: Callable[[], float] = time.perf_counter  # times units (tests fake it)
+        self._busy_at = -math.inf  # clock() of the last step that ran inference
+        self._busy_tokens = config.max_tokens_per_step  # that step's micro-batch token cap
 
     # -- jobs --------------------------------------------------------------------------------
 
@@ -194,52 +210,63 @@ class TrainingJobs:
                         job.total_steps)  # fmt: skip
 
     def _budget(self, load: StepLoad) -> tuple[float | None, int]:
-        """(seconds training may spend, micro-batch token cap); None seconds = idle."""
+        """(seconds of credit the step earns, micro-batch token cap); None seconds = idle."""
         c = self.config
-        if load.tokens == 0:
-            return None, c.max_tokens_per_step
+        if load.tokens == 0:  # full micro-batches only once the engine has been idle a while
+            quiet = self.clock() - self._busy_at >= IDLE_GROW_SECONDS
+            return None, c.max_tokens_per_step if quiet else self._busy_tokens
+        self._busy_at = self.clock()
         if c.itl_slo_ms is not None:
             seconds = max(0.0, c.itl_slo_ms / 1000 - load.seconds)
         else:
             seconds = c.step_share * load.seconds
         tokens = min(c.max_tokens_per_step, c.max_num_batched_tokens - load.tokens)
         per_token = self._cost.get("backward")
-        if per_token:  # the costliest unit must fit the step's time
+        if per_token:  # the costliest unit should cost about what one step earns
             tokens = min(tokens, int(seconds / per_token))
-        return seconds, max(tokens, 1)
+        self._busy_tokens = max(tokens, 1)
+        return seconds, self._busy_tokens
 
     def _advance(self, job: FinetuneJob, load: StepLoad) -> None:
-        seconds, tokens = self._budget(load)
-        spent, ran = 0.0, 0
-        trainer = job.trainer
+        earned, tokens = self._budget(load)
+        if earned is None:  # idle: one unit, no debt
+            self.credit = 0.0
+        else:
+            self.credit = min(self.credit + earned, earned)
+            if self.credit <= 0:  # paying back a debt
+                return
+        ran, trainer = 0, job.trainer
         while trainer.steps_left:
             if job.micro is None:
                 job.micro = trainer.next_micro_batch(tokens)
             mb = job.micro
             kind = mb.next_unit()
             estimate = self._cost.get(kind, 0.0) * mb.num_tokens
-            if seconds is not None and ran and spent + estimate > seconds:
+            if ran and (earned is None or estimate > self.credit):
                 return
-            t0 = time.perf_counter()
+            t0 = self.clock()
             mb.run_unit()
-            dt = time.perf_counter() - t0
-            per_token = dt / mb.num_tokens
+            per_token = (self.clock() - t0) / mb.num_tokens
             old = self._cost.get(kind)
             self._cost[kind] = per_token if old is None else 0.8 * old + 0.2 * per_token
-            spent, ran = spent + dt, ran + 1
-            if not mb.done:
-                continue
-            job.micro = None
-            entry = trainer.finish_micro_batch(mb)
-            if entry is not None:
-                job.log.append(entry)
-                self._tell(job, "step", entry)
-                if job.checkpoint_dir is not None and trainer.epoch_ended:
-                    path = trainer.save(f"{job.checkpoint_dir}/step-{entry.step}", self.model_name)
-                    job.checkpoints.append((entry.step, path))
-                    self._tell(job, "checkpoint", (entry.step, path))
-            if seconds is None:  # idle: one micro-batch per step
-                return
+            if mb.done:
+                self._finish(job, mb)
+            dt = self.clock() - t0  # the optimizer step and a checkpoint count too
+            ran, self.seconds = ran + 1, self.seconds + dt
+            if earned is not None:
+                self.credit -= dt
+
+    def _finish(self, job: FinetuneJob, mb) -> None:
+        job.micro = None
+        entry = job.trainer.finish_micro_batch(mb)
+        if entry is None:
+            return
+        job.log.append(entry)
+        self._tell(job, "step", entry)
+        if job.checkpoint_dir is not None and job.trainer.epoch_ended:
+            path = job.trainer.save(f"{job.checkpoint_dir}/step-{entry.step}", self.model_name)
+            job.checkpoints.append((entry.step, path))
+            self._tell(job, "checkpoint", (entry.step, path))
 
     def _succeed(self, job: FinetuneJob) -> None:
         job.adapter_path = job.trainer.save(job.output_dir, self.model_name)

@@ -1,5 +1,5 @@
-"""`loraplex bench coserve` end to end on a minuscule checkpoint with sub-second phases, and
-its metrics on made-up stamps."""
+"""`loraplex bench coserve` end to end on a minuscule checkpoint with sub-second phases, its
+open loop's arrivals, and its metrics on made-up stamps."""
 
 from __future__ import annotations
 
@@ -46,22 +46,39 @@ def _check_training(m: dict) -> None:
 
 def test_coserve_phases_without_status_quo(tiny_model, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    data = _run(tiny_model, tmp_path / "out", "--no-status-quo")
+    data = _run(tiny_model, tmp_path / "out", "--no-status-quo", "--inference-load", "0.5")
     out = capsys.readouterr().out
-    assert list(data["phases"]) == [rep.ALONE, rep.TRAIN, rep.COSERVE]
+    half_alone, half_both = rep.phase(rep.INFERENCE, 0.5), rep.phase(rep.COSERVED, 0.5)
+    assert list(data["phases"]) == [rep.ALONE, rep.TRAIN, rep.COSERVE, half_alone, half_both]
     alone, train, both = (data["phases"][k] for k in (rep.ALONE, rep.TRAIN, rep.COSERVE))
-    _check_inference(alone)
-    _check_inference(both)
-    _check_training(train)
-    _check_training(both)
+    for m in (alone, both, data["phases"][half_alone], data["phases"][half_both]):
+        _check_inference(m)
+    for m in (train, both, data["phases"][half_both]):
+        _check_training(m)
+        assert 0 < m["training_busy"] <= 1
     assert "train_tok_s" not in alone and "inference_tok_s" not in train
+    # the closed loop never lets the engine idle; the open loop offers half its tokens/s
+    assert alone["inference_busy"] > 0.5 and alone["offered_tok_s"] is None
+    half = data["phases"][half_alone]
+    assert half["offered_tok_s"] == pytest.approx(0.5 * alone["inference_tok_s"])
+    assert half["load"] == 0.5 and 0 < half["inference_busy"] <= 1
     t = data["targets"]
-    assert t["coserved_itl_p99_vs_alone"] == pytest.approx(both["itl_p99_ms"] / alone["itl_p99_ms"])
-    assert t["coserved_train_vs_solo"] == pytest.approx(both["train_tok_s"] / train["train_tok_s"])
-    assert t["status_quo_itl_p99_vs_alone"] is None
-    # the same job in both phases: same init, data and order, so the same step losses
-    check = data["loss_check"][rep.COSERVE]
-    assert check["steps"] >= 1 and check["max_abs_diff"] < 1e-4
+    assert list(t) == ["closed loop", "open loop 50%"]
+    closed, open_ = t["closed loop"], t["open loop 50%"]
+    assert closed["coserved_itl_p99_vs_alone"] == pytest.approx(
+        both["itl_p99_ms"] / alone["itl_p99_ms"]
+    )
+    assert closed["coserved_train_vs_solo"] == pytest.approx(
+        both["train_tok_s"] / train["train_tok_s"]
+    )
+    assert open_["coserved_train_vs_solo"] == pytest.approx(
+        data["phases"][half_both]["train_tok_s"] / train["train_tok_s"]
+    )
+    assert closed["status_quo_itl_p99_vs_alone"] is None
+    # the same job in every phase: same init, data and order, so the same step losses
+    for name in (rep.COSERVE, half_both):
+        check = data["loss_check"][name]
+        assert check["steps"] >= 1 and check["max_abs_diff"] < 1e-4
     s = data["setup"]
     assert s["max_num_seqs"] == 2 and s["finetune_step_share"] == 0.25
     assert sorted(s["adapters"]) == ["bench-0-r4", "bench-1-r8"]
@@ -69,8 +86,9 @@ def test_coserve_phases_without_status_quo(tiny_model, tmp_path, capsys, monkeyp
     assert len(examples) == 8 and all(8 <= len(e["input_ids"]) <= 16 for e in examples)
     assert all(e["labels"][: len(e["labels"]) // 2] == [-100] * (len(e["labels"]) // 2)
                for e in examples)  # fmt: skip
-    assert "co-served ITL p99 / inference alone" in out and "(target <= 1.25x: " in out
-    assert "co-served training tok/s / training alone" in out
+    assert "[closed loop] co-served ITL p99 / inference alone" in out
+    assert "[open loop 50%] co-served training tok/s / training alone" in out
+    assert "(target >= 0.5x: " in out and "(target <= 1.25x: " in out
     assert "status quo" not in out.split("phase", 1)[1]
 
 
@@ -78,24 +96,30 @@ def test_coserve_phases_without_status_quo(tiny_model, tmp_path, capsys, monkeyp
 def test_coserve_status_quo_peft_process(tiny_model, tmp_path, capsys, monkeypatch):
     pytest.importorskip("peft")
     monkeypatch.setenv("LORAPLEX_CACHE", str(tmp_path / "cache"))
-    data = _run(tiny_model, tmp_path / "out", "--finetune-itl-slo-ms", "50")
+    data = _run(tiny_model, tmp_path / "out", "--finetune-itl-slo-ms", "50",
+                "--inference-load", "0.3")  # fmt: skip
     out = capsys.readouterr().out
-    assert list(data["phases"]) == [rep.ALONE, rep.TRAIN, rep.COSERVE, rep.PEFT_SOLO,
-                                    rep.STATUS_QUO]  # fmt: skip
+    assert list(data["phases"]) == [
+        rep.ALONE, rep.TRAIN, rep.COSERVE, rep.phase(rep.INFERENCE, 0.3),
+        rep.phase(rep.COSERVED, 0.3), rep.PEFT_SOLO, rep.STATUS_QUO, rep.phase(rep.STATUS, 0.3),
+    ]  # fmt: skip
     solo, quo = data["phases"][rep.PEFT_SOLO], data["phases"][rep.STATUS_QUO]
     _check_training(solo)
-    _check_training(quo)
-    _check_inference(quo)
-    assert solo["peft_cores"] > 0 and quo["peft_cores"] > 0 and solo["engine_cores"] < 0.2
+    for m in (quo, data["phases"][rep.phase(rep.STATUS, 0.3)]):
+        _check_training(m)
+        _check_inference(m)
+        assert m["peft_cores"] > 0
+    assert solo["peft_cores"] > 0 and solo["engine_cores"] < 0.2
     # the PEFT process trains the same adapter: its step losses are the engine job's
     for phase in (rep.PEFT_SOLO, rep.STATUS_QUO):
         check = data["loss_check"][phase]
         assert check["steps"] >= 1 and check["max_abs_diff"] < 1e-4
     assert data["setup"]["finetune_itl_slo_ms"] == 50
-    for key in ("coserved_vs_status_quo_itl_p99", "coserved_vs_status_quo_train",
-                "status_quo_train_vs_peft_solo"):  # fmt: skip
-        assert data["targets"][key] > 0
-    assert "better than the status quo" in out
+    for level in ("closed loop", "open loop 30%"):
+        for key in ("coserved_vs_status_quo_itl_p99", "coserved_vs_status_quo_train",
+                    "status_quo_train_vs_peft_solo"):  # fmt: skip
+            assert data["targets"][level][key] > 0
+    assert "[open loop 30%] co-served ITL p99 / status quo ITL p99" in out
 
 
 @pytest.mark.parametrize(
@@ -107,6 +131,8 @@ def test_coserve_status_quo_peft_process(tiny_model, tmp_path, capsys, monkeypat
         (["--train-len", "8"], "--train-len MIN,MAX"),
         (["--target-modules", "q_proj,nope"], "target_modules must be"),
         (["--finetune-step-share", "0"], "finetune_step_share must be in (0, 10]"),
+        (["--inference-load", "1.5"], "--inference-load takes fractions in (0, 1]"),
+        (["--inference-load", "half"], "--inference-load takes fractions in (0, 1]"),
     ],
 )
 def test_coserve_bad_options(tiny_model, tmp_path, capsys, flags, message):
@@ -130,3 +156,32 @@ def test_metrics_over_the_window():
     assert t["train_padded_tok_s"] == pytest.approx(80 / 1.4)
     one = rep.training_metrics(events, 0.0, 1.0)  # one step: its tokens over the window
     assert one["train_steps"] == 1 and one["train_tok_s"] == 10
+
+
+def test_open_loop_arrivals_are_poisson_seeded_and_stamped_on_arrival():
+    from loraplex.engine.bench_coserve_load import OpenLoop
+
+    class Engine:
+        spec = SimpleNamespace(vocab_size=100)
+        added: list = []
+
+        def add_request(self, rid, prompt, params, name):
+            self.added.append((rid, tuple(prompt), params.max_tokens, name))
+
+    args = SimpleNamespace(prompt_len=5, output_len=8)
+    loops = [OpenLoop(Engine(), ["a", "b"], args, "t", rate=50.0, seed=3) for _ in range(2)]
+    for loop in loops:
+        loop.fill(100.0)  # the clock starts: nothing is due yet
+        assert not loop.active and loop.next_arrival() > 100.0
+        loop.fill(120.0)
+    a, b = loops
+    assert a.offered == 50.0 * 8 and a.n == b.n
+    assert 800 < a.n < 1200  # 20 s at 50 per second
+    assert [r.submit for r in a.active.values()] == [r.submit for r in b.active.values()]
+    submits = [r.submit for r in a.active.values()]
+    assert submits == sorted(submits) and 100.0 < submits[0] and submits[-1] <= 120.0
+    gaps = [y - x for x, y in zip(submits, submits[1:], strict=False)]
+    assert sum(gaps) / len(gaps) == pytest.approx(1 / 50, rel=0.1)  # exponential, mean 1/rate
+    first = Engine.added[: a.n]
+    assert first == Engine.added[a.n :]  # the same prompts and adapters in every phase
+    assert {x[2] for x in first} == {8} and [x[3] for x in first[:3]] == ["a", "b", "a"]
