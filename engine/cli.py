@@ -68,7 +68,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     f.add_argument(
         "--finetune-step-share", type=float, default=0.25,
-        help="training time per step as a share of the step's inference time",
+        help="training time as a share of inference time, credited per step and carried across "
+        "steps (one unit may overrun; later steps pay it back)",
     )  # fmt: skip
     f.add_argument("--finetune-max-running-jobs", type=int, default=1)
 
