@@ -25,8 +25,8 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from loraplex.server.async_engine import Unavailable
 from loraplex.server.context import ServerContext, get_ctx
+from loraplex.server.engine_requests import Unavailable
 from loraplex.server.protocol import (
     AdapterLoad,
     APIError,

@@ -24,9 +24,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from loraplex.memory.pool import IntegrityError
 from loraplex.server import adapters as adapter_routes
 from loraplex.server import finetune_routes, openai_routes, openapi_schema
-from loraplex.server.async_engine import AsyncEngine, Unavailable
+from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.config import ServerConfig
 from loraplex.server.context import ServerContext, get_ctx
+from loraplex.server.engine_requests import Unavailable
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
 from loraplex.server.request_limits import BodyTooLarge, RequestLimits

@@ -29,43 +29,13 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from loraplex.engine.engine_stats import EngineStats
-from loraplex.scheduler.sequence import FinishReason, SamplingParams, StepOutput
+from loraplex.scheduler.sequence import FinishReason, StepOutput
+from loraplex.server.engine_requests import QueueFull, RequestGroup, Submission, Unavailable
 
 logger = logging.getLogger(__name__)
 EXPIRE_MARGIN_S = 0.5  # before uvicorn's graceful timeout: time to send the error events
-
-
-class QueueFull(RuntimeError):
-    """The waiting queue is at --max-queue."""
-
-
-class Unavailable(RuntimeError):
-    """The server is shutting down or the engine loop is not running."""
-
-
-@dataclass
-class Submission:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: str | None  # the engine's adapter name, None = base model
-    tenant: str | None = None  # whose request (fair admission between tenants)
-
-
-@dataclass
-class RequestGroup:
-    """The sequences of one HTTP request, read from one queue."""
-
-    subs: list[Submission]
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    t_arrival: float = field(default_factory=time.monotonic)
-
-    @property
-    def ids(self) -> list[str]:
-        return [s.request_id for s in self.subs]
 
 
 class AsyncEngine:

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from loraplex.engine.adapters import UnknownAdapterError
 from loraplex.scheduler.sequence import FinishReason, SamplingParams
-from loraplex.server.async_engine import QueueFull, Submission, Unavailable
 from loraplex.server.context import ServerContext
 from loraplex.server.detokenize import TextStream
+from loraplex.server.engine_requests import QueueFull, Submission, Unavailable
 from loraplex.server.protocol import APIError
 from loraplex.server.tenants import Tenant
 

@@ -36,8 +36,8 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from loraplex.server.async_engine import Unavailable
 from loraplex.server.context import ServerContext
+from loraplex.server.engine_requests import Unavailable
 from loraplex.server.protocol import APIError
 from loraplex.server.ray_asgi import RequestParts, call_asgi
 from loraplex.server.tenants import Tenant, Usage
