@@ -103,8 +103,8 @@ def test_sigterm_mid_stream_ends_every_accepted_stream(tmp_path, grace):
         assert errored >= 2 and finished + errored == len(lengths) and waited < grace + 10
 
 
-def _upload(h: httpx.Client) -> str:
-    r = h.post("/v1/files", files={"file": ("t.jsonl", TASK.encode())},
+def _upload(h: httpx.Client, repeat: int = 1) -> str:
+    r = h.post("/v1/files", files={"file": ("t.jsonl", (TASK * repeat).encode())},
                data={"purpose": "fine-tune"})  # fmt: skip
     assert r.status_code == 200, r.text
     return r.json()["id"]
@@ -136,13 +136,13 @@ def test_sigkill_during_a_finetuning_job_loses_nothing(tmp_path):
         file_id = _upload(h)
         done = _wait_job(h, _job(h, file_id, 1, "done"), ("succeeded",))
         tokens = _greedy(srv.url, done["fine_tuned_model"])
-        running = _job(h, file_id, 50, "killed")
+        long_file = _upload(h, repeat=20)  # 50 epochs of it: minutes, it cannot end first
+        running = _job(h, long_file, 50, "killed")
+        _wait_job(h, running, ("running",))  # (jobs' files are validated concurrently)
         queued = _job(h, file_id, 1, "queued")  # one job runs at a time: this one waits
-        _wait_job(h, running, ("running",))
-        assert h.get(f"/v1/fine_tuning/jobs/{queued}").json()["status"] in (
-            "queued",
-            "validating_files",
-        )
+        states = [h.get(f"/v1/fine_tuning/jobs/{j}").json() for j in (running, queued)]
+        assert states[0]["status"] == "running", states
+        assert states[1]["status"] in ("queued", "validating_files"), states
     srv.proc.kill()
     assert srv.proc.wait(30) == -signal.SIGKILL
     srv.returncode = -9
