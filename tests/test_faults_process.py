@@ -21,6 +21,20 @@ TASK = "".join(json.dumps({"prompt": f"{w} {i} ->", "completion": " yes"}) + "\n
                for i in range(2) for w in WORDS)  # fmt: skip
 
 
+_STARTED: list[ServerProcess] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_server_left_behind():
+    """A test that fails midway must not leave its server running (and training)."""
+    yield
+    while _STARTED:
+        srv = _STARTED.pop()
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+            srv.proc.wait(30)
+
+
 def _serve(tmp_path, *flags, name: str = "server") -> ServerProcess:
     m = tiny_model()
     log_dir = tmp_path / name
@@ -29,7 +43,9 @@ def _serve(tmp_path, *flags, name: str = "server") -> ServerProcess:
              *flags]  # fmt: skip
     if "--finetune-dir" not in flags:
         flags += ["--finetune-dir", str(tmp_path / "finetune")]
-    return ServerProcess(loraplex_exe(), flags, 0, str(log_dir)).__enter__()
+    srv = ServerProcess(loraplex_exe(), flags, 0, str(log_dir)).__enter__()
+    _STARTED.append(srv)
+    return srv
 
 
 def _greedy(url: str, model: str, max_tokens: int = 12) -> list[int]:
