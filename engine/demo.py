@@ -21,13 +21,13 @@ from pathlib import Path
 import torch
 
 from loraplex.engine.adapter_writer import write_peft_adapter
+from loraplex.engine.demo_tokenizer import SPECIAL_TOKENS, save_fast_tokenizer
 from loraplex.engine.demo_train import DEMO_ADAPTERS, build_demo
 from loraplex.engine.loader import MODULES, ModelSpec
 
 logger = logging.getLogger(__name__)
 
 DEMO_VERSION = "demo-v2"
-SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -108,8 +108,7 @@ def build_tokenizer(out_dir) -> None:
 
     Deterministic: the same files every time. Encoding with special tokens prepends "<s>".
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -121,20 +120,7 @@ def build_tokenizer(out_dir) -> None:
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS.splitlines(keepends=True), trainer=trainer)
-    bos = tok.token_to_id("<s>")
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-    )
-    fast.save_pretrained(str(out_dir))
+    save_fast_tokenizer(tok, out_dir, CHAT_TEMPLATE)
 
 
 def make_checkpoint(

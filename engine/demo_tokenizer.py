@@ -44,26 +44,29 @@ def char_id(c: str) -> int:
 def build_char_tokenizer(out_dir) -> None:
     """Write the character tokenizer (module docstring) as HF fast tokenizer files into
     `out_dir` (created if missing). Deterministic: the same files every time."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     vocab.update({chr(i): char_id(chr(i)) for i in range(NUM_CHARS)})
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
+    save_fast_tokenizer(tok, out_dir, CHAT_TEMPLATE, clean_up_tokenization_spaces=False)
+
+
+def save_fast_tokenizer(tok, out_dir, chat_template: str, **extra) -> None:
+    """Save a `tokenizers.Tokenizer` with SPECIAL_TOKENS as HF fast tokenizer files in `out_dir`
+    (created if missing): encoding with special tokens prepends "<s>"; `extra` goes to
+    PreTrainedTokenizerFast. Shared by the demo's character tokenizer and the test BPE one."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
     tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
-        clean_up_tokenization_spaces=False,
-    )
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", chat_template=chat_template, model_max_length=2048, **extra,
+    )  # fmt: skip
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_dir))
