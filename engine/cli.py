@@ -63,8 +63,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     f.add_argument(
         "--finetune-itl-slo-ms", type=float, default=None,
-        help="inter-token latency target of running requests while a job trains "
-        "(default: --finetune-step-share)",
+        help="inter-token latency target of running requests while a job trains: each busy "
+        "step trains while it stays under it (default: --finetune-step-share)",
     )  # fmt: skip
     f.add_argument(
         "--finetune-step-share", type=float, default=0.25,

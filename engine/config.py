@@ -36,9 +36,10 @@ class EngineConfig:
         to torch, with a warning, when the kernel cannot be built or the model's attention
         shape is not one it handles).
     finetune_*: co-served fine-tuning (engine/training_jobs.py): the most padded tokens of a
-        training micro-batch; the inter-token latency target of running requests (ms, None =
-        use `finetune_step_share`: over busy steps, training time is that share of inference
-        time, a debt carried between steps; idle steps train freely);
+        training micro-batch; the inter-token latency target of running requests (ms; each
+        busy step trains while it stays under it; None = use `finetune_step_share`: over busy
+        steps, training time is that share of inference time, a debt carried between steps);
+        idle steps train freely;
         how many jobs hold memory and train at once (the rest queue).
     """
 

@@ -135,9 +135,13 @@ class Engine:
         tok = self.tokenizer
         self.training = TrainingJobs(
             self.model, self.pool_tensor, self.train_pages, self.store,
-            CoserveConfig(config.finetune_max_tokens_per_step, config.finetune_itl_slo_ms,
-                          config.finetune_step_share, config.finetune_max_running_jobs,
-                          config.max_num_batched_tokens),
+            CoserveConfig(
+                max_tokens_per_step=config.finetune_max_tokens_per_step,
+                itl_slo_ms=config.finetune_itl_slo_ms,
+                step_share=config.finetune_step_share,
+                max_running_jobs=config.finetune_max_running_jobs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+            ),
             pad_id=tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0,
             register=lambda name, path: self.add_adapter(name, path),
             model_name=self.model_dir,
@@ -282,7 +286,9 @@ class Engine:
                     self._requests.pop(out.request_id, None)
         if self.training.active:
             tokens = batch.num_tokens if batch is not None else 0
-            self.training.run(StepLoad(tokens, time.perf_counter() - t0))
+            room = len(self.batcher.running) < self.config.max_num_seqs
+            waiting = len(self.batcher.waiting) if room else 0
+            self.training.run(StepLoad(tokens, time.perf_counter() - t0, waiting))
         return outputs
 
     def _fail_batch(self, batch, error: Exception) -> list[StepOutput]:

@@ -37,6 +37,7 @@ class StepLoad:
 
     tokens: int  # inference tokens in the step; 0 = no inference ran
     seconds: float  # its time, schedule through postprocess
+    waiting: int = 0  # requests waiting that the next step could admit (a prefill comes next)
 
 
 @dataclass

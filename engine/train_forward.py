@@ -14,8 +14,8 @@ dtype (as PEFT does with float32 adapter weights).
 
 Two ways to run it, with the same operations in the same order (so the same numbers):
 `token_loss_sum` (the whole forward at once: validation, offline steps) and `MicroBatch` (the
-forward and backward cut into units of one decoder layer each, so a co-served job can spend a
-bounded time per engine step: engine/training_jobs.py).
+forward and backward cut into units of half a decoder layer each, its attention or its MLP, so
+a co-served job can spend a bounded time per engine step: engine/training_jobs.py).
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def _add_lora(
     return torch.cat(parts, dim=1) if changed else y
 
 
-def _layer(
+def _attention(
     model: Model,
     lora: TrainableLoRA,
     i: int,
@@ -76,11 +76,11 @@ def _layer(
     rope: tuple[torch.Tensor, torch.Tensor],
     bsz: int,
 ) -> torch.Tensor:
-    """Decoder layer i over h [B*L, hidden] (rows of B sequences of equal length) -> the next
-    residual stream [B*L, hidden]."""
+    """The attention half of decoder layer i over h [B*L, hidden] (rows of B sequences of equal
+    length) -> the residual stream after it [B*L, hidden]."""
     spec, eps = model.spec, model.spec.rms_norm_eps
     heads, kv_heads, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
-    q_dim, kv_dim, inter = spec.q_dim, spec.kv_dim, spec.intermediate_size
+    q_dim, kv_dim = spec.q_dim, spec.kv_dim
     cos, sin = rope
     x = rms_norm(h, w.input_norm, eps)
     qkv = _add_lora(_base(w.qkv, x), x, lora, i, PEFT_ORDER[:3], (q_dim, kv_dim, kv_dim))
@@ -93,11 +93,17 @@ def _layer(
         q, k, v, is_causal=True, scale=model.scale, enable_gqa=kv_heads != heads
     )
     o = o.transpose(1, 2).reshape(-1, q_dim)
-    h = h + _add_lora(_base(w.o, o), o, lora, i, ("o_proj",), (spec.hidden_size,))
-    x = rms_norm(h, w.post_norm, eps)
+    return h + _add_lora(_base(w.o, o), o, lora, i, ("o_proj",), (spec.hidden_size,))
+
+
+def _mlp(model: Model, lora: TrainableLoRA, i: int, w: LayerWeights, h: torch.Tensor):
+    """The MLP half of decoder layer i over rows h [N, hidden] -> the residual stream after it
+    [N, hidden]. Row-wise: any subset of rows gives those rows' output."""
+    inter = model.spec.intermediate_size
+    x = rms_norm(h, w.post_norm, model.spec.rms_norm_eps)
     gu = _add_lora(_base(w.gate_up, x), x, lora, i, ("gate_proj", "up_proj"), (inter, inter))
     a = F.silu(gu[:, :inter]) * gu[:, inter:]
-    return h + _add_lora(_base(w.down, a), a, lora, i, ("down_proj",), (spec.hidden_size,))
+    return h + _add_lora(_base(w.down, a), a, lora, i, ("down_proj",), (model.spec.hidden_size,))
 
 
 def _inputs(model: Model, input_ids: torch.Tensor, labels: torch.Tensor):
@@ -131,21 +137,27 @@ def token_loss_sum(
     and differentiable w.r.t. `lora`."""
     h, rope, rows, targets = _inputs(model, input_ids, labels)
     for i, w in enumerate(model.layers):
-        h = _layer(model, lora, i, w, h, rope, input_ids.shape[0])
+        h = _attention(model, lora, i, w, h, rope, input_ids.shape[0])
+        h = _mlp(model, lora, i, w, h)
     return _head_loss(model, h, rows, targets), int(rows.numel())
 
 
 class MicroBatch:
     """One right-padded micro-batch's forward and backward, run one unit at a time: the forward
-    of each decoder layer, then the head (LM head, loss and its backward), then the backward of
-    each layer from the last. Gradients of (summed loss) / `loss_divisor` accumulate into the
-    adapter's `.grad`s; the result equals `(token_loss_sum(...)[0] / loss_divisor).backward()`.
+    of each half of each decoder layer (its attention, then its MLP), then the head (LM head,
+    loss and its backward), then the backward of each half from the last. Gradients of (summed
+    loss) / `loss_divisor` accumulate into the adapter's `.grad`s; the result equals
+    `(token_loss_sum(...)[0] / loss_divisor).backward()`.
 
-    Between units the stream is cut at layer boundaries: layer i's output is handed to layer
-    i + 1 detached (a fresh leaf), so each layer's graph is backpropagated separately with the
-    gradient its successor left on that leaf. Autograd keeps only this micro-batch's
-    activations; nothing of inference is recorded.
+    Between units the residual stream is cut: half s's output is handed to half s + 1 detached
+    (a fresh leaf), so each half's graph is backpropagated separately with the gradient its
+    successor left on that leaf. Autograd keeps only this micro-batch's activations; nothing of
+    inference is recorded. Unit kinds (`next_unit`): "attention", "mlp", "head",
+    "attention_backward", "mlp_backward"; each costs about its kind's time per padded token x
+    `num_tokens` (what engine/training_jobs.py budgets with).
     """
+
+    KINDS = ("attention", "mlp", "head", "attention_backward", "mlp_backward")
 
     def __init__(
         self,
@@ -160,28 +172,35 @@ class MicroBatch:
         self.num_tokens = input_ids.numel()  # padded tokens: what each unit's cost scales with
         h, self.rope, self.rows, self.targets = _inputs(model, input_ids, labels)
         self.num_trained = int(self.rows.numel())
-        self.inputs: list[torch.Tensor | None] = [h]  # inputs[i]: layer i's input leaf
-        self.outputs: list[torch.Tensor | None] = []  # outputs[i]: layer i's output (graph)
+        self.num_halves = 2 * len(model.layers)  # half s: layer s // 2, attention if s is even
+        self.inputs: list[torch.Tensor | None] = [h]  # inputs[s]: half s's input leaf
+        self.outputs: list[torch.Tensor | None] = []  # outputs[s]: half s's output (graph)
         self.loss: float | None = None  # the summed loss, once the head ran
-        self._backward_next = len(model.layers) - 1
+        self._backward_next = self.num_halves - 1
 
     @property
     def done(self) -> bool:
         return self.loss is not None and self._backward_next < 0
 
     def next_unit(self) -> str:
-        """ "forward", "head" or "backward" (what `run_unit` does next)."""
-        if len(self.outputs) < len(self.model.layers):
-            return "forward"
-        return "head" if self.loss is None else "backward"
+        """The kind of unit `run_unit` runs next (one of KINDS)."""
+        if len(self.outputs) < self.num_halves:
+            return "mlp" if len(self.outputs) % 2 else "attention"
+        if self.loss is None:
+            return "head"
+        return "mlp_backward" if self._backward_next % 2 else "attention_backward"
 
     def run_unit(self) -> None:
-        kind, layers = self.next_unit(), self.model.layers
         if self.done:
             raise RuntimeError("the micro-batch is done")
-        if kind == "forward":
-            i = len(self.outputs)
-            out = _layer(self.model, self.lora, i, layers[i], self.inputs[i], self.rope, self.bsz)
+        kind = self.next_unit()
+        if kind in ("attention", "mlp"):
+            s = len(self.outputs)
+            i, w, h = s // 2, self.model.layers[s // 2], self.inputs[s]
+            if kind == "attention":
+                out = _attention(self.model, self.lora, i, w, h, self.rope, self.bsz)
+            else:
+                out = _mlp(self.model, self.lora, i, w, h)
             self.outputs.append(out)
             self.inputs.append(out.detach().requires_grad_())
         elif kind == "head":
@@ -189,10 +208,10 @@ class MicroBatch:
             (loss / self.divisor).backward()
             self.loss = float(loss.detach())
         else:
-            i = self._backward_next
-            out, grad = self.outputs[i], self.inputs[i + 1].grad
-            torch.autograd.backward(out, grad)  # frees layer i's graph
-            self.outputs[i] = self.inputs[i + 1] = None
+            s = self._backward_next
+            out, grad = self.outputs[s], self.inputs[s + 1].grad
+            torch.autograd.backward(out, grad)  # frees half s's graph
+            self.outputs[s] = self.inputs[s + 1] = None
             self._backward_next -= 1
         if self.done:
             self.inputs = self.outputs = []

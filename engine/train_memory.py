@@ -3,9 +3,10 @@
 * State: float32 adapter weights, their gradients and AdamW's two moments: 4 x 4 bytes per
   adapter parameter (`TrainableLoRA.place` lays them out in the job's state pages).
 * Activations: what autograd keeps for one micro-batch of `tokens` padded tokens through every
-  layer and the head (engine/train_forward.py keeps every layer's graph until its backward).
-  `activation_bytes` is an upper bound of the tensors autograd saves, counted from the ops of
-  `_layer` and `_head_loss` (tests/test_coserve.py measures the saved tensors against it).
+  layer and the head (engine/train_forward.py keeps every half layer's graph until its
+  backward). `activation_bytes` is an upper bound of the tensors autograd saves, counted from
+  the ops of `_attention`, `_mlp` and `_head_loss` (tests/test_coserve.py measures the saved
+  tensors against it).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def activation_bytes(spec: ModelSpec, rank: int, tokens: int, elem_bytes: int) -
         2 * q
         + 2 * kv  # attention's q, k, v and output
         + 3 * inter  # SiLU's input, its output and the up projection
-        + h  # the layer's output, handed to the next layer as a leaf
+        + 2 * h  # the outputs of the layer's two halves, each handed on as a leaf
     )
     head = 4 * (h + 1) + (8 + elem_bytes) * spec.vocab_size  # norm, logits, log-softmax
     rope = 2 * elem_bytes * spec.head_dim  # the micro-batch's cos and sin rows

@@ -4,22 +4,31 @@ A job trains one adapter on the engine's loaded base model (engine/trainer.py: e
 AdamW) while the engine serves. It is a part beside the step: after each step's inference,
 `TrainingJobs.run(StepLoad)` gives the running job the time and tokens that step leaves.
 
-Scheduling: training's time is budgeted over a window of steps, not per step.
-* Inference first. Each step that ran inference earns training a credit: `finetune_step_share`
-  x the step's inference time (0.25: over any stretch of busy steps, training adds about a
-  quarter to the time inference alone would take), or `finetune_itl_slo_ms` minus it when that
-  target is set (what keeps the step within the target). A unit (one decoder layer's forward,
-  the head, or one layer's backward: engine/train_forward.py `MicroBatch`) starts only while
-  the credit is positive; its measured cost is then taken off, so one unit may overrun the
-  step's credit and leave a debt, which the next steps pay back by running no training until
-  the credit is positive again. More units run in the same step while their estimated cost
-  fits what is left. Credit never exceeds one step's earning (a quiet stretch buys no burst).
-  Over a window, training seconds (units, optimizer steps, checkpoints) / inference seconds =
-  the share, within one unit's cost.
+Scheduling: inference first; training fills what the steps leave, by one of two policies.
+* Units: a micro-batch's forward and backward run as units of half a decoder layer (its
+  attention or its MLP), the head, or the backward of one half (engine/train_forward.py
+  `MicroBatch`); each unit's cost is estimated from its kind's measured time per padded token.
+* Share (default): each step that ran inference earns training a credit of
+  `finetune_step_share` x the step's inference time (0.25: over any stretch of busy steps,
+  training adds about a quarter to the time inference alone would take). A unit starts only
+  while the credit is positive; its measured cost is then taken off, so one unit may overrun
+  the step's credit and leave a debt, which the next steps pay back by running no training
+  until the credit is positive again. More units run in the same step while their estimated
+  cost fits what is left. Credit never exceeds one step's earning (a quiet stretch buys no
+  burst). Over a window, training seconds / inference seconds = the share, within one unit.
+* ITL target (`finetune_itl_slo_ms`): each busy step trains while the step stays under the
+  target: units run only while their estimate fits what the step leaves of it, nothing is
+  carried between steps and nothing overruns. Steps shorter than the target (decodes) are
+  filled; the long ones (prefills) get little or nothing. (A target relative to the measured
+  p99 of steps' inference time was tried and dropped: the p99 it measures grows with the
+  batches that training's delays build up, and the target ran away with it.)
+* Either way, a step after which the next one admits waiting requests (a prefill comes) trains
+  nothing: those requests' first token and the running ones' next token would carry it.
 * A micro-batch holds at most min(`finetune_max_tokens_per_step`, `max_num_batched_tokens` -
   the step's inference tokens) padded tokens, and no more than the step's credit pays for at
-  the measured per-token cost of a layer's backward, but at least one example: when even that
-  costs more than a step earns, one step in every few runs a unit and the others none.
+  the measured per-token cost of the costliest kind of unit, but at least one example: when
+  even that costs more than a step earns, one step in every few runs a unit and the others
+  none (share), or only the steps with room for it train (ITL target).
 * With no inference running, training takes everything: a step runs one unit (a new request
   waits at most one unit) and any debt is forgiven (idle time was nobody's). Micro-batches
   grow to `finetune_max_tokens_per_step` (cheaper per token) once no step has run inference
@@ -216,24 +225,27 @@ class TrainingJobs:
             quiet = self.clock() - self._busy_at >= IDLE_GROW_SECONDS
             return None, c.max_tokens_per_step if quiet else self._busy_tokens
         self._busy_at = self.clock()
-        if c.itl_slo_ms is not None:
-            seconds = max(0.0, c.itl_slo_ms / 1000 - load.seconds)
-        else:
-            seconds = c.step_share * load.seconds
+        target = None if c.itl_slo_ms is None else c.itl_slo_ms / 1000
+        if load.waiting:  # a prefill comes next: its requests' ITL would carry what trains now
+            return 0.0, self._busy_tokens
+        seconds = c.step_share * load.seconds if target is None else target - load.seconds
+        if seconds <= 0:
+            return 0.0, self._busy_tokens
         tokens = min(c.max_tokens_per_step, c.max_num_batched_tokens - load.tokens)
-        per_token = self._cost.get("backward")
-        if per_token:  # the costliest unit should cost about what one step earns
+        per_token = max(self._cost.values(), default=0.0)  # the costliest kind of unit
+        if per_token:  # that unit should cost about what one step earns
             tokens = min(tokens, int(seconds / per_token))
         self._busy_tokens = max(tokens, 1)
         return seconds, self._busy_tokens
 
     def _advance(self, job: FinetuneJob, load: StepLoad) -> None:
         earned, tokens = self._budget(load)
+        strict = self.config.itl_slo_ms is not None  # ITL target: only units that fit, no debt
         if earned is None:  # idle: one unit, no debt
             self.credit = 0.0
         else:
-            self.credit = min(self.credit + earned, earned)
-            if self.credit <= 0:  # paying back a debt
+            self.credit = earned if strict else min(self.credit + earned, earned)
+            if self.credit <= 0:  # nothing earned, or paying back a debt
                 return
         ran, trainer = 0, job.trainer
         while trainer.steps_left:
@@ -242,7 +254,9 @@ class TrainingJobs:
             mb = job.micro
             kind = mb.next_unit()
             estimate = self._cost.get(kind, 0.0) * mb.num_tokens
-            if ran and (earned is None or estimate > self.credit):
+            if earned is None and ran:
+                return
+            if earned is not None and (ran or strict) and estimate > self.credit:
                 return
             t0 = self.clock()
             mb.run_unit()
