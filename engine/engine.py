@@ -151,6 +151,8 @@ class Engine:
                                  config.max_num_seqs)  # fmt: skip
         self.step_failures = 0
         self.failing: str | None = None  # the last inference step's error, until one succeeds
+        self._decode_step_s = 0.0  # inference time of the last decode-only step (training's
+        # estimate of the step it runs before)
         logger.info(
             "engine: %s (%s, %s), pool %d pages x %d bytes = %.1f MiB, %d adapters",
             model_dir,
@@ -266,11 +268,17 @@ class Engine:
         return self._requests.get(request_id)
 
     def step(self) -> list[StepOutput]:
-        """One step: inference (schedule -> prepare -> forward -> sample -> postprocess), then
-        the training work that step leaves room for (engine/training_jobs.py)."""
+        """One step: schedule -> train -> prepare -> forward -> sample -> postprocess. Training
+        (engine/training_jobs.py) runs once the step's batch is known, so that it knows what
+        it delays: a step with a prefill gets none, a decode-only step what its policy leaves
+        (estimated from the last decode-only step's inference time), an idle step one unit."""
         t0 = time.perf_counter()
         outputs: list[StepOutput] = []
         batch = self.batcher.schedule()
+        scheduled = time.perf_counter() - t0
+        if self.training.active:
+            self.training.run(self._step_load(batch))
+        t1 = time.perf_counter()
         if batch is not None:
             try:
                 meta, sampling = self.runner.prepare(batch)
@@ -284,12 +292,18 @@ class Engine:
             for out in outputs:
                 if out.finished:
                     self._requests.pop(out.request_id, None)
-        if self.training.active:
-            tokens = batch.num_tokens if batch is not None else 0
-            room = len(self.batcher.running) < self.config.max_num_seqs
-            waiting = len(self.batcher.waiting) if room else 0
-            self.training.run(StepLoad(tokens, time.perf_counter() - t0, waiting))
+            if not self._has_prefill(batch):
+                self._decode_step_s = scheduled + time.perf_counter() - t1
         return outputs
+
+    @staticmethod
+    def _has_prefill(batch) -> bool:
+        return any(i.num_tokens > 1 or not i.seq.output_token_ids for i in batch.items)
+
+    def _step_load(self, batch) -> StepLoad:
+        if batch is None:
+            return StepLoad(0, 0.0)
+        return StepLoad(batch.num_tokens, self._decode_step_s, self._has_prefill(batch))
 
     def _fail_batch(self, batch, error: Exception) -> list[StepOutput]:
         """A step's prepare, forward or sample raised: its sequences end with an error and free

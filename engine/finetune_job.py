@@ -33,11 +33,12 @@ class CoserveConfig:
 
 @dataclass(frozen=True)
 class StepLoad:
-    """What the step's inference used: the budget training fills."""
+    """What the step's inference uses (training runs once its batch is scheduled, before its
+    forward): the budget training fills."""
 
-    tokens: int  # inference tokens in the step; 0 = no inference ran
-    seconds: float  # its time, schedule through postprocess
-    waiting: int = 0  # requests waiting that the next step could admit (a prefill comes next)
+    tokens: int  # inference tokens in the step; 0 = no inference runs
+    seconds: float  # its inference time, schedule through postprocess (an estimate)
+    prefill: bool = False  # the step prefills: its requests' next token waits for it as it is
 
 
 @dataclass

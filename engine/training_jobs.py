@@ -1,16 +1,17 @@
 """Fine-tuning jobs co-served in the engine's steps (Loquetier / FlexLLM style).
 
 A job trains one adapter on the engine's loaded base model (engine/trainer.py: exactly PEFT +
-AdamW) while the engine serves. It is a part beside the step: after each step's inference,
-`TrainingJobs.run(StepLoad)` gives the running job the time and tokens that step leaves.
+AdamW) while the engine serves. It is a part beside the step: once each step's batch is
+scheduled, before its forward, `TrainingJobs.run(StepLoad)` gives the running job the time and
+tokens that step leaves (so every token of the step waits for what trains).
 
 Scheduling: inference first; training fills what the steps leave, by one of two policies.
 * Units: a micro-batch's forward and backward run as units of half a decoder layer (its
   attention or its MLP), the head, or the backward of one half (engine/train_forward.py
   `MicroBatch`); each unit's cost is estimated from its kind's measured time per padded token.
-* Share (default): each step that ran inference earns training a credit of
-  `finetune_step_share` x the step's inference time (0.25: over any stretch of busy steps,
-  training adds about a quarter to the time inference alone would take). A unit starts only
+* Share (default): each decode-only step earns training a credit of `finetune_step_share` x
+  its inference time (estimated: the last decode-only step's; 0.25: over any stretch of such
+  steps, training adds about a quarter to the time inference alone would take). A unit starts only
   while the credit is positive; its measured cost is then taken off, so one unit may overrun
   the step's credit and leave a debt, which the next steps pay back by running no training
   until the credit is positive again. More units run in the same step while their estimated
@@ -22,8 +23,8 @@ Scheduling: inference first; training fills what the steps leave, by one of two 
   filled; the long ones (prefills) get little or nothing. (A target relative to the measured
   p99 of steps' inference time was tried and dropped: the p99 it measures grows with the
   batches that training's delays build up, and the target ran away with it.)
-* Either way, a step after which the next one admits waiting requests (a prefill comes) trains
-  nothing: those requests' first token and the running ones' next token would carry it.
+* Either way, a step that prefills trains nothing: its tokens (the new requests' first, the
+  running ones' next) are the long inter-token latencies already, the ones that set the p99.
 * A micro-batch holds at most min(`finetune_max_tokens_per_step`, `max_num_batched_tokens` -
   the step's inference tokens) padded tokens, and no more than the step's credit pays for at
   the measured per-token cost of the costliest kind of unit, but at least one example: when
@@ -45,7 +46,7 @@ Scheduling: inference first; training fills what the steps leave, by one of two 
 
 What is shared with inference: the one copy of the base weights (frozen, never copied: the
 training forward multiplies with the inference model's own `Linear`s) and the page budget. What
-is not: a training unit reads the weights in its own pass after the step's forward, rather than
+is not: a training unit reads the weights in its own pass before the step's forward, rather than
 riding in the inference matmuls (Loquetier's fused step). At micro-batch sizes the training
 forward is compute-bound (1,024 flops per 4-byte weight for 512 tokens, far above what memory
 bandwidth makes the cost of the read), so a fused read would save little there, and the
@@ -226,7 +227,7 @@ class TrainingJobs:
             return None, c.max_tokens_per_step if quiet else self._busy_tokens
         self._busy_at = self.clock()
         target = None if c.itl_slo_ms is None else c.itl_slo_ms / 1000
-        if load.waiting:  # a prefill comes next: its requests' ITL would carry what trains now
+        if load.prefill:  # its tokens are the long ITLs (and the new requests' TTFT): no more
             return 0.0, self._busy_tokens
         seconds = c.step_share * load.seconds if target is None else target - load.seconds
         if seconds <= 0:

@@ -1,7 +1,7 @@
 """How co-served training spends the engine's steps (engine/training_jobs.py): the share
-policy's credit and debt, the ITL target that no unit overruns, yielding to requests about to
-be admitted, micro-batch sizes, and idle steps. Unit costs are faked on the jobs' clock, so
-the numbers are exact."""
+policy's credit and debt, the ITL target that no unit overruns, steps that prefill getting
+none, micro-batch sizes, and idle steps. Unit costs are faked on the jobs' clock, so the
+numbers are exact."""
 
 from __future__ import annotations
 
@@ -32,8 +32,8 @@ def test_micro_batches_take_what_the_step_leaves(tiny_llama, tmp_path):
     assert seconds == pytest.approx(0.01) and tokens == 56  # the step's token budget left
     jobs._cost.update(attention=0.0005, mlp_backward=0.001)  # the costliest: 1 ms per token,
     assert jobs._budget(StepLoad(200, 0.04)) == (pytest.approx(0.01), 10)  # 10 fit in 10 ms
-    # requests wait that the next step admits: its prefill's ITL would carry any training
-    assert jobs._budget(StepLoad(200, 0.04, waiting=2)) == (0.0, 10)
+    # a step that prefills: its tokens are the long ITLs already, nothing trains before it
+    assert jobs._budget(StepLoad(200, 0.04, prefill=True)) == (0.0, 10)
 
 
 class _FakeUnits:
@@ -113,5 +113,43 @@ def test_an_itl_target_budgets_what_each_step_leaves_of_it(tiny_llama, tmp_path,
     assert fake.steps(jobs, StepLoad(8, 0.025), 1) == [0]
     assert fake.steps(jobs, StepLoad(8, 0.017), 2) == [0, 0]
     assert fake.steps(jobs, StepLoad(8, 0.015), 2) == [1, 1]
-    # requests waiting to be admitted: the next step is a prefill, nothing trains before it
-    assert fake.steps(jobs, StepLoad(8, 0.011, waiting=1), 2) == [0, 0]
+    # a step that prefills trains nothing
+    assert fake.steps(jobs, StepLoad(8, 0.011, prefill=True), 2) == [0, 0]
+
+
+def test_the_engine_trains_only_before_decode_only_steps(tiny_llama, tmp_path, monkeypatch):
+    """Training runs once the step's batch is scheduled: none before a step that prefills (its
+    tokens are the long ITLs already), the share of the last decode-only step's time before a
+    decode-only one, one unit in an idle step."""
+    from loraplex.scheduler.sequence import SamplingParams
+
+    engine = _engine(tiny_llama)
+    jobs = engine.training
+    fake = _FakeUnits(monkeypatch, jobs, dict.fromkeys(MicroBatch.KINDS, 1e-6))
+    long = FinetuneConfig(rank=2, epochs=50, batch_size=4)
+    engine.submit_finetune("e", long, _ten_token_examples(), str(tmp_path))
+    seen, run = [], jobs.run
+
+    def spy(load):
+        before = len(fake.ran)
+        run(load)
+        seen.append((load, len(fake.ran) - before))
+
+    monkeypatch.setattr(jobs, "run", spy)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine.step()  # idle
+    for i in range(3):  # staggered: each arrival's prefill lands among the others' decodes
+        engine.add_request(f"r{i}", [5 + i] * (4 + 3 * i), params)
+        for _ in range(3):
+            engine.step()
+    while engine.batcher.has_unfinished():
+        engine.step()
+    prefills = [n for load, n in seen if load.prefill]
+    decodes = [(load, n) for load, n in seen if load.tokens and not load.prefill]
+    idle = [n for load, n in seen if not load.tokens]
+    assert len(prefills) == 3 and prefills == [0, 0, 0]
+    # the first decode-only step has no estimate yet (nothing earned); later ones train
+    assert decodes[0][0].seconds == 0.0 and decodes[0][1] == 0
+    assert all(load.seconds > 0 for load, _ in decodes[1:]) and sum(n for _, n in decodes)
+    assert idle == [1]
+    engine.check_integrity()
