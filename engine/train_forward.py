@@ -210,7 +210,8 @@ class MicroBatch:
         else:
             s = self._backward_next
             out, grad = self.outputs[s], self.inputs[s + 1].grad
-            torch.autograd.backward(out, grad)  # frees half s's graph
+            if out.requires_grad:  # (not: no adapter weight at or before this half)
+                torch.autograd.backward(out, grad)  # frees half s's graph
             self.outputs[s] = self.inputs[s + 1] = None
             self._backward_next -= 1
         if self.done:

@@ -13,7 +13,7 @@ import torch
 
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
-from loraplex.engine.finetune_data import Example
+from loraplex.engine.finetune_data import Example, pad_batch
 from loraplex.engine.finetune_job import JobStatus
 from loraplex.engine.train_forward import MicroBatch
 from loraplex.engine.train_memory import activation_bytes
@@ -282,3 +282,32 @@ def test_checkpoints_at_each_epoch_end_and_the_listener_hears_the_job(tiny_llama
                                  str(tmp_path / "out2"))  # fmt: skip
     _run(engine)
     assert job.status is JobStatus.SUCCEEDED
+
+
+@pytest.mark.parametrize("targets", [("down_proj",), ("q_proj", "up_proj")])
+def test_micro_batch_units_give_one_backwards_gradients(tiny_llama, targets):
+    """Half-layer units (engine/train_forward.py MicroBatch) give the gradients of one backward
+    of the whole micro-batch, also where a half holds no adapter weight (an MLP-only adapter:
+    layer 0's attention half has nothing to differentiate)."""
+    from loraplex.engine.train_forward import token_loss_sum
+    from loraplex.engine.train_lora import TrainableLoRA
+
+    engine = _engine(tiny_llama)
+    ids, _, labels = pad_batch(_examples(engine.spec.vocab_size, n=3), 0)
+    grads = []
+    for split in (False, True):
+        lora = TrainableLoRA.peft_init(engine.spec, 4, 8.0, targets, seed=3)
+        gen = torch.Generator().manual_seed(4)
+        with torch.no_grad():  # B = 0 would leave A's gradient zero
+            for b in lora.B.values():
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
+        if split:
+            mb = MicroBatch(engine.model, lora, ids, labels, 7.0)
+            while not mb.done:
+                mb.run_unit()
+        else:
+            (token_loss_sum(engine.model, lora, ids, labels)[0] / 7.0).backward()
+        grads.append([p.grad.clone() for p in lora.parameters()])
+    assert all(g.abs().sum() > 0 for g in grads[0])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
