@@ -276,8 +276,10 @@ class Engine:
         outputs: list[StepOutput] = []
         batch = self.batcher.schedule()
         scheduled = time.perf_counter() - t0
+        prefill = batch is not None and self._has_prefill(batch)
         if self.training.active:
-            self.training.run(self._step_load(batch))
+            tokens = batch.num_tokens if batch is not None else 0
+            self.training.run(StepLoad(tokens, self._decode_step_s if tokens else 0.0, prefill))
         t1 = time.perf_counter()
         if batch is not None:
             try:
@@ -292,18 +294,13 @@ class Engine:
             for out in outputs:
                 if out.finished:
                     self._requests.pop(out.request_id, None)
-            if not self._has_prefill(batch):
+            if not prefill:
                 self._decode_step_s = scheduled + time.perf_counter() - t1
         return outputs
 
     @staticmethod
     def _has_prefill(batch) -> bool:
         return any(i.num_tokens > 1 or not i.seq.output_token_ids for i in batch.items)
-
-    def _step_load(self, batch) -> StepLoad:
-        if batch is None:
-            return StepLoad(0, 0.0)
-        return StepLoad(batch.num_tokens, self._decode_step_s, self._has_prefill(batch))
 
     def _fail_batch(self, batch, error: Exception) -> list[StepOutput]:
         """A step's prepare, forward or sample raised: its sequences end with an error and free
