@@ -58,11 +58,13 @@ class ServerProcess:
 
     `with` starts it and waits until `/health` answers 200 (SystemExit with the log's tail if it
     exits first or `start_timeout` passes), then reads the base model's id (`base_id`) from
-    `/v1/models`. Leaving sends SIGTERM and waits for the graceful exit (SIGKILL after
-    `stop_timeout` seconds); `returncode` is then set (0 on a clean stop)."""
+    `/v1/models` (with `api_key` for a server that has keys). Leaving sends SIGTERM and waits
+    for the graceful exit (SIGKILL after `stop_timeout` seconds); `returncode` is then set (0 on
+    a clean stop)."""
 
     def __init__(self, exe: str, flags: list[str], port: int, log_dir: str,
-                 start_timeout: float = 180.0, stop_timeout: float = 30.0) -> None:  # fmt: skip
+                 start_timeout: float = 180.0, stop_timeout: float = 30.0,
+                 api_key: str | None = None) -> None:  # fmt: skip
         self.argv = [exe, "--log-level", "WARNING", "serve", *flags, "--host", "127.0.0.1"]
         self.port = port or free_port()
         self.log_path = Path(log_dir) / "server.log"
@@ -71,6 +73,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
         self.base_id: str | None = None
         self.returncode: int | None = None
+        self.api_key = api_key
 
     @property
     def pid(self) -> int:
@@ -97,7 +100,9 @@ class ServerProcess:
                 if time.monotonic() > deadline:
                     self._fail(f"was not healthy after {self.start_timeout:.0f} s")
                 time.sleep(0.2)
-            self.base_id = httpx.get(f"{self.url}/v1/models").json()["data"][0]["id"]
+            auth = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            models = httpx.get(f"{self.url}/v1/models", headers=auth)
+            self.base_id = models.json()["data"][0]["id"]
         except BaseException:
             self.stop()
             raise

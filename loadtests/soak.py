@@ -39,14 +39,13 @@ import time
 from pathlib import Path
 
 from loraplex.loadtests.bench_options import _length
-from loraplex.loadtests.server_process import loraplex_exe
+from loraplex.loadtests.server_process import ServerProcess, loraplex_exe
 from loraplex.loadtests.soak_fairness import fairness
 from loraplex.loadtests.soak_report import criteria, passed, table, write
 from loraplex.loadtests.soak_setup import (
     ADMIN,
     TENANTS,
     Assets,
-    KeyedServer,
     prepare,
     serve_flags,
 )
@@ -175,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else min(60.0, args.duration / 10)
     server = None
     if not args.url:
-        server = KeyedServer(loraplex_exe(), flags, args.port, str(out), api_key=assets.keys[ADMIN],
-                             stop_timeout=args.shutdown_timeout + 30)  # fmt: skip
+        server = ServerProcess(loraplex_exe(), flags, args.port, str(out),
+                               api_key=assets.keys[ADMIN],
+                               stop_timeout=args.shutdown_timeout + 30)  # fmt: skip
     with server or contextlib.nullcontext():
         url = server.url if server else args.url.rstrip("/")
         pid = server.pid if server else args.server_pid

@@ -30,7 +30,6 @@ import math
 import os
 import random
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -46,40 +45,6 @@ TENANTS = ("t0", "t1", "t2")
 ADMIN = "ops"
 PROBE_POOL_BYTES = 64 << 20
 WEIGHTS = "adapter_model.safetensors"
-
-
-class KeyedServer(ServerProcess):
-    """ServerProcess for a server with API keys: /v1/models is read with `api_key`."""
-
-    def __init__(self, *a, api_key: str, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.api_key = api_key
-
-    def __enter__(self) -> KeyedServer:
-        with open(self.log_path, "w") as log:
-            argv = [*self.argv, "--port", str(self.port)]
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + self.start_timeout
-            while not _healthy(self.url):
-                if self.proc.poll() is not None:
-                    self._fail(f"exited with status {self.proc.returncode} before it was ready")
-                if time.monotonic() > deadline:
-                    self._fail(f"was not healthy after {self.start_timeout:.0f} s")
-                time.sleep(0.2)
-            auth = {"Authorization": f"Bearer {self.api_key}"}
-            self.base_id = httpx.get(f"{self.url}/v1/models", headers=auth).json()["data"][0]["id"]
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2.0).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def demo_dir() -> Path:

@@ -28,6 +28,7 @@ from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.config import ServerConfig
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.engine_requests import Unavailable
+from loraplex.server.malloc_trim import MallocTrimmer
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
 from loraplex.server.request_limits import BodyTooLarge, RequestLimits
@@ -77,10 +78,13 @@ def create_app(
         aengine.start()
         if ctx.finetune is not None:
             await ctx.finetune.recover()
+        trimmer = MallocTrimmer(config.malloc_trim_s).start() if config.malloc_trim_s else None
         try:
             yield
         finally:
             await aengine.shutdown(ctx.shutdown_grace_s)
+            if trimmer is not None:
+                trimmer.stop()
 
     app = FastAPI(title="loraplex", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.ctx = ctx

@@ -60,6 +60,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds in-flight requests get to finish on SIGTERM",
     )
+    g.add_argument(
+        "--malloc-trim-interval",
+        type=float,
+        default=30.0,
+        help="seconds between malloc_trim calls, which give freed heap memory back (0: never)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -81,6 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_jobs_per_tenant=args.max_jobs_per_tenant,
         max_request_bytes=args.max_request_bytes,
         metrics_key=args.metrics_key,
+        malloc_trim_s=args.malloc_trim_interval,
     )
     ServerConfig(**fields)  # bad options fail here, before the model loads
 

@@ -1,0 +1,111 @@
+"""server/malloc_trim.py: freed heap memory goes back to the OS (the soak's RSS creep, #18).
+
+A fragmented heap (many chunks freed between live ones, so glibc cannot shrink its top) keeps
+its pages resident until `malloc_trim`; the trimmer releases them, runs on its own thread every
+interval while the app runs, and is gone after shutdown."""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+
+import pytest
+from server_fixtures import LiveServer, engine_kwargs, tiny_model
+
+from loraplex.engine.config import EngineConfig
+from loraplex.engine.engine import Engine
+from loraplex.server import malloc_trim
+from loraplex.server.app import create_app
+from loraplex.server.config import ServerConfig
+
+needs_glibc = pytest.mark.skipif(not malloc_trim.available(), reason="no malloc_trim in libc")
+THREAD = "loraplex-malloc-trim"
+
+
+def _fragment_heap(chunks: int, chunk_bytes: int, keep_every: int) -> list[int]:
+    """Allocate `chunks` touched chunks (under glibc's mmap threshold, so inside the arena),
+    free all but every `keep_every`-th: the freed pages stay resident. Returns the live ones."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    ptrs = []
+    for _ in range(chunks):
+        p = libc.malloc(chunk_bytes)
+        assert p
+        ctypes.memset(p, 1, chunk_bytes)  # touch every page: resident
+        ptrs.append(p)
+    live = []
+    for i, p in enumerate(ptrs):
+        if i % keep_every == 0:
+            live.append(p)
+        else:
+            libc.free(p)
+    return live
+
+
+def _free(ptrs: list[int]) -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.free.argtypes = [ctypes.c_void_p]
+    for p in ptrs:
+        libc.free(p)
+
+
+@needs_glibc
+def test_trim_once_returns_the_free_pages_of_a_fragmented_heap():
+    trimmer = malloc_trim.MallocTrimmer(interval_s=60)
+    trimmer.trim_once()  # start from a trimmed heap
+    before = malloc_trim.resident_bytes()
+    live = _fragment_heap(chunks=2000, chunk_bytes=96 << 10, keep_every=8)  # ~188 MiB touched
+    try:
+        fragmented = malloc_trim.resident_bytes()
+        assert fragmented - before > 150 << 20, "the freed chunks should still be resident"
+        released = trimmer.trim_once()
+        after = malloc_trim.resident_bytes()
+        # 7 of every 8 chunks are free: ~164 MiB of their pages can go back.
+        assert released > 120 << 20, released / 2**20
+        assert fragmented - after > 120 << 20
+        assert trimmer.trims == 2 and trimmer.released_bytes >= released
+    finally:
+        _free(live)
+
+
+@needs_glibc
+def test_trimmer_thread_runs_every_interval_and_stops():
+    trimmer = malloc_trim.MallocTrimmer(interval_s=0.02).start()
+    try:
+        deadline = time.monotonic() + 10
+        while trimmer.trims < 3:
+            assert time.monotonic() < deadline, "the trimmer did not run"
+            time.sleep(0.01)
+        assert any(t.name == THREAD for t in threading.enumerate())
+    finally:
+        trimmer.stop()
+    assert not any(t.name == THREAD for t in threading.enumerate())
+    n = trimmer.trims
+    time.sleep(0.1)
+    assert trimmer.trims == n  # stopped means stopped
+
+
+def test_bad_intervals_are_refused():
+    with pytest.raises(ValueError, match="--malloc-trim-interval must be >= 0"):
+        ServerConfig(malloc_trim_s=-1)
+    with pytest.raises(ValueError, match="must be > 0 seconds"):
+        malloc_trim.MallocTrimmer(interval_s=0)
+    assert ServerConfig(malloc_trim_s=0).malloc_trim_s == 0  # 0 turns it off
+
+
+@needs_glibc
+@pytest.mark.parametrize("interval_s", [0.05, 0.0])
+def test_the_server_trims_while_it_runs_and_only_then(interval_s):
+    m = tiny_model()
+    engine = Engine(EngineConfig(model=m["model"], **engine_kwargs()), {})
+    app = create_app(engine, ServerConfig(model_id="tiny", malloc_trim_s=interval_s))
+    srv = LiveServer(app)
+    try:
+        running = any(t.name == THREAD for t in threading.enumerate())
+        assert running == (interval_s > 0)
+    finally:
+        srv.stop()
+    assert not any(t.name == THREAD for t in threading.enumerate())
