@@ -28,7 +28,7 @@ from loraplex.server.async_engine import AsyncEngine
 from loraplex.server.config import ServerConfig
 from loraplex.server.context import ServerContext, get_ctx
 from loraplex.server.engine_requests import Unavailable
-from loraplex.server.malloc_trim import MallocTrimmer
+from loraplex.server.heap import MallocTrimmer
 from loraplex.server.metrics import Metrics
 from loraplex.server.protocol import ERROR_TYPES, APIError, error_body
 from loraplex.server.request_limits import BodyTooLarge, RequestLimits

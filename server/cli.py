@@ -75,6 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from loraplex.server.app import create_app, default_model_id
     from loraplex.server.config import ServerConfig
     from loraplex.server.finetune_service import cache_dir
+    from loraplex.server.heap import freeze_startup_objects
     from loraplex.server.tenants import Tenants
     from loraplex.server.threads import run_in_fresh_thread
 
@@ -104,6 +105,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # Torch work only on threads that exit or on the engine thread (see run_in_fresh_thread).
     app = run_in_fresh_thread(build)
+    freeze_startup_objects()  # the model and app live as long as the process: GC skips them
     config = uvicorn.Config(
         app,
         host=args.host,

@@ -18,7 +18,7 @@ class ServerConfig:
     max_jobs_per_tenant: int = 4  # fine-tuning jobs of a tenant not yet ended (429 over it)
     max_request_bytes: int = 16 << 20  # largest request body but uploads (413 over it)
     metrics_key: str | None = None  # a key /metrics asks for (None: /metrics is open)
-    malloc_trim_s: float = 30.0  # seconds between malloc_trim calls (0: never; malloc_trim.py)
+    malloc_trim_s: float = 30.0  # seconds between malloc_trim calls (0: never; server/heap.py)
 
     def __post_init__(self) -> None:
         for name in ("max_file_bytes", "max_jobs_per_tenant", "max_request_bytes"):

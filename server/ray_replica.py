@@ -161,6 +161,7 @@ class EngineReplica:
         """`settings`: `ray_app.RaySettings`."""
         from loraplex.server.app import create_app
         from loraplex.server.config import ServerConfig
+        from loraplex.server.heap import freeze_startup_objects
         from loraplex.server.ray_app import route_logs
 
         route_logs(settings.log_level)
@@ -182,6 +183,7 @@ class EngineReplica:
 
         # Torch work only on threads that exit or on the engine thread (server/threads.py).
         self.app = run_in_fresh_thread(build)
+        freeze_startup_objects()  # the replica's model and app live as long as its process
         ctx = self.app.state.ctx
         self.ctx = ReplicaContext(**{f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)
                                      if f.init})  # fmt: skip

@@ -1,12 +1,15 @@
-"""server/malloc_trim.py: freed heap memory goes back to the OS (the soak's RSS creep, #18).
+"""server/heap.py (#18's soak): startup's objects leave the collector's full scans; freed heap
+memory goes back to the OS.
 
-A fragmented heap (many chunks freed between live ones, so glibc cannot shrink its top) keeps
+Frozen objects stay alive but are no longer among the objects a collection walks. A fragmented
+heap (many chunks freed between live ones, so glibc cannot shrink its top) keeps
 its pages resident until `malloc_trim`; the trimmer releases them, runs on its own thread every
 interval while the app runs, and is gone after shutdown."""
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import threading
 import time
 
@@ -15,11 +18,11 @@ from server_fixtures import LiveServer, engine_kwargs, tiny_model
 
 from loraplex.engine.config import EngineConfig
 from loraplex.engine.engine import Engine
-from loraplex.server import malloc_trim
+from loraplex.server import heap
 from loraplex.server.app import create_app
 from loraplex.server.config import ServerConfig
 
-needs_glibc = pytest.mark.skipif(not malloc_trim.available(), reason="no malloc_trim in libc")
+needs_glibc = pytest.mark.skipif(not heap.available(), reason="no malloc_trim in libc")
 THREAD = "loraplex-malloc-trim"
 
 
@@ -52,17 +55,32 @@ def _free(ptrs: list[int]) -> None:
         libc.free(p)
 
 
+def test_freeze_takes_the_live_objects_out_of_collections():
+    startup = [[i] for i in range(100_000)]  # tracked containers, like a built model's
+    try:
+        frozen = heap.freeze_startup_objects()
+        assert frozen >= len(startup) and gc.get_freeze_count() == frozen
+        walked = {id(o) for o in gc.get_objects()}  # what a full collection would traverse
+        assert not any(id(x) in walked for x in startup[::1000])
+        later = [1]
+        assert id(later) in {id(o) for o in gc.get_objects()}  # new objects are collected
+        assert startup[-1] == [99_999]  # frozen, not freed
+    finally:
+        gc.unfreeze()  # back to the oldest generation: this test process goes on
+    assert gc.get_freeze_count() == 0
+
+
 @needs_glibc
 def test_trim_once_returns_the_free_pages_of_a_fragmented_heap():
-    trimmer = malloc_trim.MallocTrimmer(interval_s=60)
+    trimmer = heap.MallocTrimmer(interval_s=60)
     trimmer.trim_once()  # start from a trimmed heap
-    before = malloc_trim.resident_bytes()
+    before = heap.resident_bytes()
     live = _fragment_heap(chunks=2000, chunk_bytes=96 << 10, keep_every=8)  # ~188 MiB touched
     try:
-        fragmented = malloc_trim.resident_bytes()
+        fragmented = heap.resident_bytes()
         assert fragmented - before > 150 << 20, "the freed chunks should still be resident"
         released = trimmer.trim_once()
-        after = malloc_trim.resident_bytes()
+        after = heap.resident_bytes()
         # 7 of every 8 chunks are free: ~164 MiB of their pages can go back.
         assert released > 120 << 20, released / 2**20
         assert fragmented - after > 120 << 20
@@ -73,7 +91,7 @@ def test_trim_once_returns_the_free_pages_of_a_fragmented_heap():
 
 @needs_glibc
 def test_trimmer_thread_runs_every_interval_and_stops():
-    trimmer = malloc_trim.MallocTrimmer(interval_s=0.02).start()
+    trimmer = heap.MallocTrimmer(interval_s=0.02).start()
     try:
         deadline = time.monotonic() + 10
         while trimmer.trims < 3:
@@ -92,7 +110,7 @@ def test_bad_intervals_are_refused():
     with pytest.raises(ValueError, match="--malloc-trim-interval must be >= 0"):
         ServerConfig(malloc_trim_s=-1)
     with pytest.raises(ValueError, match="must be > 0 seconds"):
-        malloc_trim.MallocTrimmer(interval_s=0)
+        heap.MallocTrimmer(interval_s=0)
     assert ServerConfig(malloc_trim_s=0).malloc_trim_s == 0  # 0 turns it off
 
 
