@@ -17,6 +17,11 @@ Scheduling: inference first; training fills what the steps leave, by one of two 
   until the credit is positive again. More units run in the same step while their estimated
   cost fits what is left. Credit never exceeds one step's earning (a quiet stretch buys no
   burst). Over a window, training seconds / inference seconds = the share, within one unit.
+  Idle steps' training counts first: stretching decode steps is what costs inter-token
+  latency, so a decode step earns its share only in proportion to what the idle steps of the
+  last seconds (IDLE_WINDOW_SECONDS) left short of the time saturated steps would give
+  training (share / (1 + share)): all of it when the engine never idles, none under a partial
+  load whose idle gaps train at least that much (`idle_first`).
 * ITL target (`finetune_itl_slo_ms`): each busy step trains while the step stays under the
   target: units run only while their estimate fits what the step leaves of it, nothing is
   carried between steps and nothing overruns. Steps shorter than the target (decodes) are
@@ -44,13 +49,8 @@ Scheduling: inference first; training fills what the steps leave, by one of two 
 * A job's error fails that job (status "failed", the error in `reason`), never the step.
   Cancel frees every page of the job at once. Pages are zeroed before they go back.
 
-What is shared with inference: the one copy of the base weights (frozen, never copied: the
-training forward multiplies with the inference model's own `Linear`s) and the page budget. What
-is not: a training unit reads the weights in its own pass before the step's forward, rather than
-riding in the inference matmuls (Loquetier's fused step). At micro-batch sizes the training
-forward is compute-bound (1,024 flops per 4-byte weight for 512 tokens, far above what memory
-bandwidth makes the cost of the read), so a fused read would save little there, and the
-inference forward stays free of autograd and of training branches.
+What is shared with inference (the base weights, frozen and never copied; the page budget) and
+why training units do not ride in the inference matmuls: docs/finetuning.md.
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ from loraplex.memory.train_pages import TrainingPages
 
 logger = logging.getLogger(__name__)
 IDLE_GROW_SECONDS = 5.0  # idle this long, micro-batches grow to finetune_max_tokens_per_step
+IDLE_WINDOW_SECONDS = 2.0  # the window over which idle steps' training time counts first
 
 
 class TrainingJobs:
@@ -100,6 +101,9 @@ class TrainingJobs:
         self.seconds = 0.0  # seconds spent in training units, all jobs (for benchmarks)
         self.clock: Callable[[], float] = time.perf_counter  # times units (tests fake it)
         self._busy_at = -math.inf  # clock() of the last step that ran inference
+        # Share of recent time spent training in idle steps (a leaky integrator over
+        # IDLE_WINDOW_SECONDS, updated at `_idle_at`): what decode steps need not give again.
+        self.idle_share, self._idle_at = 0.0, None
         self._busy_tokens = config.max_tokens_per_step  # that step's micro-batch token cap
 
     # -- jobs --------------------------------------------------------------------------------
@@ -237,7 +241,26 @@ class TrainingJobs:
         if per_token:  # that unit should cost about what one step earns
             tokens = min(tokens, int(seconds / per_token))
         self._busy_tokens = max(tokens, 1)
+        if target is None:  # idle steps' training counts first (see `idle_first`)
+            seconds *= self.idle_first()
         return seconds, self._busy_tokens
+
+    def idle_first(self) -> float:
+        """The part of its share a decode step still owes training: 1 when the engine had no
+        idle time lately, 0 once idle steps gave training the share of time it would get from
+        saturated steps (share / (1 + share)), linear between. Stretching decode steps is what
+        costs inter-token latency; under a partial load the idle gaps train instead."""
+        floor = self.config.step_share / (1.0 + self.config.step_share)
+        return max(0.0, 1.0 - self._idle_share_now() / floor)
+
+    def _idle_share_now(self, idle_seconds: float = 0.0) -> float:
+        """Decay `idle_share` to now, add `idle_seconds` of idle-step training, return it."""
+        now = self.clock()
+        if self._idle_at is not None:
+            self.idle_share *= math.exp(-max(0.0, now - self._idle_at) / IDLE_WINDOW_SECONDS)
+        self._idle_at = now
+        self.idle_share += idle_seconds / IDLE_WINDOW_SECONDS
+        return self.idle_share
 
     def _advance(self, job: FinetuneJob, load: StepLoad) -> None:
         earned, tokens = self._budget(load)
@@ -270,6 +293,8 @@ class TrainingJobs:
             ran, self.seconds = ran + 1, self.seconds + dt
             if earned is not None:
                 self.credit -= dt
+            else:
+                self._idle_share_now(dt)
 
     def _finish(self, job: FinetuneJob, mb) -> None:
         job.micro = None

@@ -5,6 +5,8 @@ numbers are exact."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from loraplex.engine.config import EngineConfig
@@ -13,7 +15,7 @@ from loraplex.engine.finetune_data import Example
 from loraplex.engine.finetune_job import JobStatus, StepLoad
 from loraplex.engine.train_forward import MicroBatch
 from loraplex.engine.trainer import FinetuneConfig
-from loraplex.engine.training_jobs import IDLE_GROW_SECONDS
+from loraplex.engine.training_jobs import IDLE_GROW_SECONDS, IDLE_WINDOW_SECONDS
 
 CONFIG = FinetuneConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), epochs=2,
                         batch_size=4, seed=5)  # fmt: skip
@@ -96,6 +98,32 @@ def test_training_time_is_budgeted_over_steps_with_a_debt(tiny_llama, tmp_path, 
     fake.now += IDLE_GROW_SECONDS
     assert fake.steps(jobs, idle, 30) == [1] * 30
     assert max(n for _, n in fake.ran[-30:]) == 40
+
+
+def test_idle_steps_training_counts_first(tiny_llama, tmp_path, monkeypatch):
+    """Under a partial load the idle gaps train: decode steps (whose stretching is what costs
+    inter-token latency) owe the share only for what idle steps lately did not give, up to the
+    time saturated steps would give training (share / (1 + share) = 0.2 of it)."""
+    engine = _engine(tiny_llama)
+    jobs = engine.training
+    fake = _FakeUnits(monkeypatch, jobs, dict.fromkeys(MicroBatch.KINDS, 1e-4))
+    long = FinetuneConfig(rank=2, epochs=50, batch_size=4)
+    engine.submit_finetune("i", long, _ten_token_examples(), str(tmp_path))
+    busy = StepLoad(8, 0.010)
+    assert jobs._budget(busy) == (pytest.approx(0.0025), 25)  # no idle time yet: the whole share
+    while fake.now < 1.0:  # 1 s of idle steps, training all the time
+        jobs.run(StepLoad(0, 0.0))
+    idle = 1 - math.exp(-1.0 / IDLE_WINDOW_SECONDS)  # the integrator's value after 1 s
+    assert jobs.idle_share == pytest.approx(idle, rel=0.02) and idle > 0.2
+    seconds, tokens = jobs._budget(busy)
+    assert seconds == 0.0 and tokens in (24, 25)  # nothing owed; micro-batches keep their size
+    assert fake.steps(jobs, busy, 5) == [0] * 5
+    for gap in (2.0, 4.0):  # busy steps without idle time: the share comes back as idle decays
+        fake.now += gap
+        idle *= math.exp(-gap / IDLE_WINDOW_SECONDS)
+        owed = max(0.0, 1 - idle / 0.2)
+        assert jobs._budget(busy)[0] == pytest.approx(0.0025 * owed, rel=0.02)
+    assert 0.9 < owed < 1  # 6 s after the idle second
 
 
 def test_an_itl_target_budgets_what_each_step_leaves_of_it(tiny_llama, tmp_path, monkeypatch):
