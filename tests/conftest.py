@@ -10,6 +10,7 @@ The HF oracle for them lives in `fixtures.py` (`hf_reference_greedy`, `hf_refere
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -48,6 +49,15 @@ LLAMA3_ROPE_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 32,
 }
+
+
+@pytest.fixture(autouse=True)
+def _no_frozen_objects_left():
+    """`loraplex serve` run in-process (server/heap.py) freezes every live object out of the
+    garbage collector; the tests after it must not inherit that (their garbage would stay)."""
+    yield
+    if gc.get_freeze_count():
+        gc.unfreeze()
 
 
 def pytest_collection_modifyitems(config, items):
