@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -30,7 +31,9 @@ class ServerConfig:
             raise ValueError(f"--max-queue must be >= 1, got {self.max_queue}")
         if self.shutdown_grace_s < 0:
             raise ValueError(f"--shutdown-timeout must be >= 0, got {self.shutdown_grace_s}")
-        if self.malloc_trim_s < 0:
-            raise ValueError(f"--malloc-trim-interval must be >= 0, got {self.malloc_trim_s}")
+        if not 0 <= self.malloc_trim_s < math.inf:  # NaN fails too
+            raise ValueError(
+                f"--malloc-trim-interval must be a finite number >= 0, got {self.malloc_trim_s}"
+            )
         if self.metrics_key is not None and not self.metrics_key:
             raise ValueError("--metrics-key must not be empty")

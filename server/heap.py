@@ -83,8 +83,8 @@ class MallocTrimmer:
     negative) count what it did."""
 
     def __init__(self, interval_s: float) -> None:
-        if interval_s <= 0:
-            raise ValueError(f"malloc trim interval must be > 0 seconds, got {interval_s}")
+        if not 0 < interval_s < float("inf"):  # NaN fails too
+            raise ValueError(f"malloc trim interval must be > 0 seconds and finite: {interval_s}")
         self.interval_s = interval_s
         self.trims = 0
         self.released_bytes = 0

@@ -107,8 +107,11 @@ def test_trimmer_thread_runs_every_interval_and_stops():
 
 
 def test_bad_intervals_are_refused():
-    with pytest.raises(ValueError, match="--malloc-trim-interval must be >= 0"):
-        ServerConfig(malloc_trim_s=-1)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="--malloc-trim-interval must be a finite number"):
+            ServerConfig(malloc_trim_s=bad)
+        with pytest.raises(ValueError, match="must be > 0 seconds and finite"):
+            heap.MallocTrimmer(interval_s=bad)
     with pytest.raises(ValueError, match="must be > 0 seconds"):
         heap.MallocTrimmer(interval_s=0)
     assert ServerConfig(malloc_trim_s=0).malloc_trim_s == 0  # 0 turns it off
