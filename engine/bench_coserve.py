@@ -119,7 +119,7 @@ def run_phase(name: str, engine, args, *, load=None, job=None, peft=None) -> dic
     units ("inference_busy", "training_busy")."""
     start = time.monotonic()
     t0, t1 = start + args.warmup, start + args.warmup + args.duration
-    engine.training.idle_share = 0.0  # each phase its own: no idle time carried in from the last
+    engine.training.budget.idle_share = 0.0  # each phase its own: no idle time carried over
     meter, now, stepping, trained = None, start, 0.0, 0.0
     bar = tqdm(total=round(args.warmup + args.duration), desc=name, unit="s", leave=False,
                mininterval=1.0, file=sys.stderr)  # fmt: skip
